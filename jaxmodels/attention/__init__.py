@@ -1,0 +1,3 @@
+"""Attention kinds. Importing this package registers every built-in kind."""
+
+from jaxmodels.attention import gqa  # noqa: F401
