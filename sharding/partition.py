@@ -32,9 +32,7 @@ def logical_axes(boxed_tree: Any) -> Any:
     return jax.tree.map(axes, boxed_tree, is_leaf=_is_box)
 
 
-def tree_shardings(
-    boxed_tree: Any, mesh: jax.sharding.Mesh, rules: Rules | None = None
-) -> Any:
+def tree_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules: Rules | None = None) -> Any:
     """`NamedSharding` for every leaf of a boxed (abstract) variable tree, unboxed structure."""
     rules = current_rules() if rules is None else rules
 
@@ -51,9 +49,10 @@ def axes_tree_shardings(
 ) -> Any:
     """Shardings from a tree of logical-axis tuples and a matching tree of arrays/shapes."""
     rules = current_rules() if rules is None else rules
-    is_axes = lambda x: isinstance(x, tuple) and all(  # noqa: E731
-        a is None or isinstance(a, str) for a in x
-    )
+
+    def is_axes(x):
+        return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
     return jax.tree.map(
         lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, rules, mesh=mesh, shape=x.shape)),
         axes_tree,
@@ -74,9 +73,7 @@ def init_sharded(
     with use_rules(rules), jax.set_mesh(mesh):
         abstract = jax.eval_shape(init_fn, *args)
         shardings = tree_shardings(abstract, mesh, rules)
-        variables = jax.jit(
-            lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings
-        )(*args)
+        variables = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return variables, shardings
 
 

@@ -116,8 +116,12 @@ class GQAttention(nn.Module):
             inv_freq = rope_ops.rope_inv_freq(H, rope.theta)
         else:
             inv_freq = rope_ops.yarn_inv_freq(
-                H, rope.theta, rope.yarn_factor, rope.original_max_position_embeddings,
-                rope.beta_fast, rope.beta_slow,
+                H,
+                rope.theta,
+                rope.yarn_factor,
+                rope.original_max_position_embeddings,
+                rope.beta_fast,
+                rope.beta_slow,
             )
         q_BTNH = rope_ops.apply_rope(q_BTNH, positions_BT, inv_freq, layout=rope.layout)
         k_BTKH = rope_ops.apply_rope(k_BTKH, positions_BT, inv_freq, layout=rope.layout)
@@ -137,9 +141,7 @@ class GQAttention(nn.Module):
             mask_BTS = cache_mask(
                 positions_BT, cache.index, keys_BSKH.shape[1], window=cfg.sliding_window
             )
-            new_cache = KVCache(
-                k=keys_BSKH, v=values_BSKH, index=cache.index + x_BTD.shape[1]
-            )
+            new_cache = KVCache(k=keys_BSKH, v=values_BSKH, index=cache.index + x_BTD.shape[1])
             keys_BSKH = keys_BSKH.astype(q_BTNH.dtype)
             values_BSKH = values_BSKH.astype(q_BTNH.dtype)
 
@@ -152,12 +154,17 @@ class GQAttention(nn.Module):
                 reduce_fn=jnp.maximum,
             )
         out_BTNH = attention_ops.dot_product_attention(
-            q_BTNH, keys_BSKH, values_BSKH, mask_BTS, scale=scale,
+            q_BTNH,
+            keys_BSKH,
+            values_BSKH,
+            mask_BTS,
+            scale=scale,
             implementation=cfg.implementation,
         )
         out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "head_dim"))
-        y_BTD = dense(s.hidden_size, ("heads", "head_dim", "embed"), s, axis=(-2, -1),
-                      name="o_proj")(out_BTNH)
+        y_BTD = dense(
+            s.hidden_size, ("heads", "head_dim", "embed"), s, axis=(-2, -1), name="o_proj"
+        )(out_BTNH)
         return constrain(y_BTD, ("batch", "length", "act_embed")), new_cache
 
 

@@ -37,16 +37,12 @@ def causal_mask(
     return mask_BTS
 
 
-def attention_logits(
-    q_BTNH: jax.Array, k_BSKH: jax.Array, *, scale: float
-) -> jax.Array:
+def attention_logits(q_BTNH: jax.Array, k_BSKH: jax.Array, *, scale: float) -> jax.Array:
     """Scaled logits [B, K, G, T, S] in float32 (the grouped view of [B, N, T, S])."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
-    )
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
     return logits * scale
 
 
@@ -97,7 +93,9 @@ def attention_reference(
         denom = denom + jnp.exp(sink_11KG11 - row_max)
     probs = weights / jnp.where(denom == 0, 1.0, denom)
     out_BTKGH = jnp.einsum(
-        "BKGTS,BSKH->BTKGH", probs.astype(v_BSKH.dtype), v_BSKH,
+        "BKGTS,BSKH->BTKGH",
+        probs.astype(v_BSKH.dtype),
+        v_BSKH,
         preferred_element_type=jnp.float32,
     )
     return out_BTKGH.reshape(B, T, N, -1).astype(q_BTNH.dtype)

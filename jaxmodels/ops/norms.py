@@ -26,9 +26,7 @@ def rms_norm(x: jax.Array, scale: jax.Array | None = None, *, eps: float = 1e-6)
     return y.astype(x.dtype)
 
 
-def layer_norm(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float = 1e-6
-) -> jax.Array:
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float = 1e-6) -> jax.Array:
     """LayerNorm with gain and bias over the last axis, computed in float32.
 
     Used by DeepSeek-V3.2's lightning-indexer key (`k_norm`, a LayerNorm with bias).

@@ -36,8 +36,10 @@ def yarn_correction_range(
     """
 
     def correction_dim(num_rotations: float) -> float:
-        return dim * math.log(original_max_position / (num_rotations * 2 * math.pi)) / (
-            2 * math.log(theta)
+        return (
+            dim
+            * math.log(original_max_position / (num_rotations * 2 * math.pi))
+            / (2 * math.log(theta))
         )
 
     low = math.floor(correction_dim(beta_fast))
@@ -117,9 +119,7 @@ def apply_rope(
     dim = x.shape[-1]
     if dim % 2 or len(inv_freq) * 2 != dim:
         raise ValueError(f"rotary dim {dim} must be even and equal 2 * len(inv_freq)")
-    angles_BTR2 = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(
-        inv_freq, jnp.float32
-    )
+    angles_BTR2 = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     extra = x.ndim - 3  # axes between T and R
     angles_BTR2 = angles_BTR2.reshape(angles_BTR2.shape[:2] + (1,) * extra + (dim // 2,))
     cos = jnp.cos(angles_BTR2) * attention_scaling

@@ -61,7 +61,12 @@ def _apply_with_embeddings(model, params, x_BTD):
 
 @pytest.mark.parametrize(
     "scan_layers,num_layers,pattern",
-    [(False, 3, ("gqa",)), (True, 3, ("gqa",)), (False, 3, ("gqa", "swa")), (True, 4, ("gqa", "swa"))],
+    [
+        (False, 3, ("gqa",)),
+        (True, 3, ("gqa",)),
+        (False, 3, ("gqa", "swa")),
+        (True, 4, ("gqa", "swa")),
+    ],
 )
 def test_prefill_then_decode_equals_full_forward(scan_layers, num_layers, pattern):
     config = dataclasses.replace(
@@ -69,8 +74,10 @@ def test_prefill_then_decode_equals_full_forward(scan_layers, num_layers, patter
         scan_layers=scan_layers,
         num_layers=num_layers,
         layer_pattern=pattern,
-        attention={**TINY.attention, "swa": GQAConfig(num_heads=4, num_kv_heads=1, head_dim=8,
-                                                        sliding_window=3)},
+        attention={
+            **TINY.attention,
+            "swa": GQAConfig(num_heads=4, num_kv_heads=1, head_dim=8, sliding_window=3),
+        },
     )
     params, tokens = _init(config, T=9)
     model = Decoder(config)
@@ -136,8 +143,9 @@ def test_tied_embeddings_use_the_embedding_matrix():
 
 def test_greedy_generation_matches_argmax_of_full_forward():
     params, tokens = _init(TINY, T=4)
-    out = generate(params, tokens, jax.random.key(0), config=TINY, max_new_tokens=5,
-                   temperature=0.0)
+    out = generate(
+        params, tokens, jax.random.key(0), config=TINY, max_new_tokens=5, temperature=0.0
+    )
     seq = tokens
     apply = jax.jit(Decoder(TINY).apply)
     for _ in range(5):
@@ -161,7 +169,9 @@ def test_sampling_rules():
 
 
 def test_config_validation_messages():
-    with pytest.raises(ConfigError, match="gqa.num_heads=12 is not divisible by gqa.num_kv_heads=5"):
+    with pytest.raises(
+        ConfigError, match="gqa.num_heads=12 is not divisible by gqa.num_kv_heads=5"
+    ):
         GQAConfig(num_heads=12, num_kv_heads=5)
     with pytest.raises(ConfigError, match="head_dim=7 must be even"):
         GQAConfig(head_dim=7)

@@ -3,7 +3,6 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -25,7 +24,10 @@ CONFIG = ModelConfig(
 
 def test_mesh_sizes_resolve_and_errors_are_clear():
     assert sharding.resolve_axis_sizes({"fsdp": -1, "tensor": 2}, 8) == {
-        "data": 1, "fsdp": 4, "tensor": 2, "expert": 1,
+        "data": 1,
+        "fsdp": 4,
+        "tensor": 2,
+        "expert": 1,
     }
     with pytest.raises(ValueError, match="unknown mesh axes \\['model'\\]"):
         sharding.resolve_axis_sizes({"model": 2}, 8)
@@ -51,8 +53,9 @@ def test_rules_first_match_wins_and_collisions_raise():
     with pytest.raises(ValueError, match="dimension 1 \\('mlp', size 6\\) is not divisible"):
         sharding.logical_to_spec(("embed", "mlp"), rules, mesh=mesh, shape=(8, 6))
     # Axes of size 1 are dropped, unknown names are replicated.
-    assert sharding.logical_to_spec(("embed", "other"), rules, mesh=sharding.make_mesh(
-        "tensor=8")) == jax.P(None, None)
+    assert sharding.logical_to_spec(
+        ("embed", "other"), rules, mesh=sharding.make_mesh("tensor=8")
+    ) == jax.P(None, None)
 
 
 def test_parameters_are_born_sharded_per_the_rules():
@@ -90,15 +93,13 @@ def single_device_run():
     return _run("data=1")
 
 
-@pytest.mark.parametrize(
-    "mesh_spec", ["data=8", "data=2,fsdp=2,tensor=2", "tensor=8"]
-)
+@pytest.mark.parametrize("mesh_spec", ["data=8", "data=2,fsdp=2,tensor=2", "tensor=8"])
 def test_sharded_train_step_equals_single_device(mesh_spec, single_device_run):
     ref_state, ref_losses, _ = single_device_run
     state, losses, step = _run(mesh_spec)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
-    for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
+    for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
     assert step.jitted._cache_size() == 1  # compiled once across steps
     assert int(state.step) == 3
@@ -109,5 +110,7 @@ def test_model_dims_that_do_not_divide_the_mesh_raise_at_init():
         CONFIG, attention={"gqa": GQAConfig(num_heads=4, num_kv_heads=2, head_dim=8)}
     )
     mesh = sharding.make_mesh("tensor=8")
-    with pytest.raises(ValueError, match="size 2\\) is not divisible by mesh axes \\('tensor',\\) of total size 8"):
+    with pytest.raises(
+        ValueError, match="size 2\\) is not divisible by mesh axes \\('tensor',\\) of total size 8"
+    ):
         training.init_train_state(config, optax.adam(1e-3), jax.random.key(0), mesh, seq_len=8)
