@@ -59,6 +59,15 @@ def max_logits_by_module(attn_stats: Any) -> dict[tuple[str, ...], jax.Array]:
     return out
 
 
+def auxiliary_loss(losses: Any) -> jax.Array:
+    """Sum of every scalar a module sowed into the `losses` collection (e.g. DSA's indexer KL),
+    each already weighted by its module; scanned stacks sum over layers."""
+    leaves = jax.tree.leaves(losses)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in leaves)
+
+
 def make_train_step(
     config: ModelConfig,
     optimizer: optax.GradientTransformation,
@@ -67,6 +76,9 @@ def make_train_step(
 ):
     """The train step: forward, loss, gradients, optimizer update.
 
+    The loss is the token cross-entropy plus `auxiliary_loss` of the `losses` collection; the
+    metrics report both (`loss` is the cross-entropy alone).
+
     With `track_max_logits`, attention modules sow their per-head max logits, which are passed
     to the optimizer as `update(..., max_logits={module path: [N] or [L, N]})` (MuonClip). The
     optimizer must then accept extra args (`optax.GradientTransformationExtraArgs`).
@@ -74,22 +86,23 @@ def make_train_step(
     model = Decoder(config)
 
     def loss_fn(params, batch):
-        mutable = ["attn_stats"] if track_max_logits else False
-        out = model.apply(params, batch["inputs"], mutable=mutable)
-        (logits_BTV, _), collections = out if track_max_logits else (out, {})
+        mutable = ["losses"] + (["attn_stats"] if track_max_logits else [])
+        (logits_BTV, _), collections = model.apply(params, batch["inputs"], mutable=mutable)
         loss_sum, count = cross_entropy(logits_BTV, batch["targets"], batch.get("mask"))
-        loss = loss_sum / jnp.maximum(count, 1.0)
-        return loss, (count, collections.get("attn_stats", {}))
+        lm_loss = loss_sum / jnp.maximum(count, 1.0)
+        aux_loss = auxiliary_loss(collections.get("losses", {}))
+        return lm_loss + aux_loss, (lm_loss, aux_loss, count, collections.get("attn_stats", {}))
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        (loss, (count, attn_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch
-        )
+        (_, (loss, aux_loss, count, attn_stats)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(state.params, batch)
         extra = {"max_logits": max_logits_by_module(attn_stats)} if track_max_logits else {}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
+            "aux_loss": aux_loss,
             "tokens": count,
             "grad_norm": optax.global_norm(grads),
             "param_norm": optax.global_norm(params),
