@@ -87,7 +87,7 @@ class MuonDimensionNumbers:
 
 
 def as_dimension_numbers(spec: Any) -> MuonDimensionNumbers | None:
-    """Accepts our `MuonDimensionNumbers`, optax.contrib's (reduction_axis, output_axis), or None."""
+    """Converts ours, optax.contrib's (reduction_axis, output_axis) or None to ours."""
     if spec is None or isinstance(spec, MuonDimensionNumbers):
         return spec
     if hasattr(spec, "reduction_axis") and hasattr(spec, "output_axis"):
@@ -146,7 +146,9 @@ class MuonRules:
     def __post_init__(self):
         for pattern, label in self.overrides:
             if label not in (MUON, ADAM):
-                raise ValueError(f"override {pattern!r}: label must be 'muon' or 'adam', got {label!r}")
+                raise ValueError(
+                    f"override {pattern!r}: label must be 'muon' or 'adam', got {label!r}"
+                )
             re.compile(pattern)
 
 
@@ -171,7 +173,11 @@ def format_path(path: Path) -> str:
 
 
 def _num_stack_axes(modules: Path, rules: MuonRules) -> int:
-    return sum(m in rules.stack_module_names for m in modules)
+    """Leading stacked axes: one per stack module, unless it is a list ("layers/0/...")."""
+    return sum(
+        m in rules.stack_module_names and not (i + 1 < len(modules) and modules[i + 1].isdigit())
+        for i, m in enumerate(modules)
+    )
 
 
 def leaf_dimension_numbers(
@@ -270,8 +276,11 @@ def dimension_numbers_lookup(
         return lambda path, shape: spec
     leaves = jax.tree_util.tree_flatten_with_path(
         spec,
-        is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers)
-        or (hasattr(x, "reduction_axis") and hasattr(x, "output_axis")),
+        is_leaf=lambda x: (
+            x is None
+            or isinstance(x, MuonDimensionNumbers)
+            or (hasattr(x, "reduction_axis") and hasattr(x, "output_axis"))
+        ),
     )[0]
     table = {path_names(p): as_dimension_numbers(v) for p, v in leaves}
 

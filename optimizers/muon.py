@@ -24,6 +24,7 @@ other matrices -- including other layers of the same stacked leaf -- are unaffec
 optimizer in `optax.apply_if_finite` to skip such steps instead.
 """
 
+import dataclasses
 import functools
 import math
 import operator
@@ -73,9 +74,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r}; expected one of {choices}")
 
 
-def update_scale(
-    fan_in: int, fan_out: int, scaling: Scaling, target_rms: Any = 0.2
-) -> Any:
+def update_scale(fan_in: int, fan_out: int, scaling: Scaling, target_rms: Any = 0.2) -> Any:
     """Multiplier of the orthogonalised update of one fan_in x fan_out matrix.
 
     "shape": sqrt(max(1, fan_out/fan_in)) ([KJ]; optax's default width scaling).
@@ -94,8 +93,6 @@ def update_scale(
 class _Matrix(NamedTuple):
     """How one leaf maps to a stack of wide matrices [count, rows <= cols]."""
 
-    index: int  # position in the flattened tree
-    dims: MuonDimensionNumbers
     perm: tuple[int, ...]  # leaf -> batch + reduction + output axes
     stacked_shape: tuple[int, ...]  # shape after the permutation
     count: int
@@ -104,7 +101,10 @@ class _Matrix(NamedTuple):
     transposed: bool  # fan_in > fan_out: stored as [count, fan_out, fan_in]
 
 
-def _plan(index: int, path: tuple[str, ...], shape: tuple[int, ...], dims) -> _Matrix:
+def _plan(path: tuple[str, ...], shape: tuple[int, ...], dims) -> _Matrix:
+    """Layout of one leaf; a 2-D leaf without dimension numbers is a plain [in, out] matrix."""
+    if dims is None and len(shape) == 2:
+        dims = MuonDimensionNumbers((0,), (1,))
     if dims is None:
         raise ValueError(
             f"Muon got leaf {format_path(path)!r} with shape {shape}, which has no matrix "
@@ -116,8 +116,6 @@ def _plan(index: int, path: tuple[str, ...], shape: tuple[int, ...], dims) -> _M
     perm = batch + red + out
     count, fan_in, fan_out = dims.matrix_shape(shape)
     return _Matrix(
-        index=index,
-        dims=dims,
         perm=perm,
         stacked_shape=tuple(shape[a] for a in perm),
         count=count,
@@ -214,8 +212,9 @@ def scale_by_muon(
       mu_dtype: dtype of the momentum (None: the parameter dtype).
       dimension_numbers: None (name rules of `labels.py`), a function (path, shape) ->
         MuonDimensionNumbers | None, or a pytree like the params with MuonDimensionNumbers
-        (ours or optax.contrib's) or None leaves. A leaf without dimension numbers must be
-        2-D; otherwise update raises a ValueError naming its path and shape.
+        (ours or optax.contrib's) or None leaves. A leaf without dimension numbers is taken
+        as a plain [in, out] matrix if it is 2-D; otherwise update raises a ValueError naming
+        its path and shape.
       per_head: with the default rules, orthogonalise attention kernels per head.
       rules: `MuonRules` for the default dimension numbers.
       batch_leaves: run same-shape matrices of all leaves in one Newton–Schulz call.
@@ -236,7 +235,7 @@ def scale_by_muon(
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
     rules = rules or DEFAULT_RULES
     if per_head is not None and per_head != rules.per_head:
-        rules = MuonRules(**{**rules.__dict__, "per_head": per_head})
+        rules = dataclasses.replace(rules, per_head=per_head)
     lookup = dimension_numbers_lookup(dimension_numbers, rules)
 
     def ns(x):
@@ -266,17 +265,15 @@ def scale_by_muon(
         else:
             c_mu = c_g = 1.0
         if nesterov:
-            direction = jax.tree.map(
-                lambda m, g: beta * m / c_mu + g_scale * g / c_g, mu, updates
-            )
+            direction = jax.tree.map(lambda m, g: beta * m / c_mu + g_scale * g / c_g, mu, updates)
         else:
             direction = jax.tree.map(lambda m: m / c_mu, mu)
 
         flat, treedef = jax.tree_util.tree_flatten_with_path(direction)
         plans = []
-        for i, (key_path, x) in enumerate(flat):
-            path = path_names(key_path)
-            plans.append(_plan(i, path, tuple(x.shape), lookup(path, tuple(x.shape))))
+        for key_path, x in flat:
+            path, shape = path_names(key_path), tuple(x.shape)
+            plans.append(_plan(path, shape, lookup(path, shape)))
         leaves = orthogonalize_leaves([x for _, x in flat], plans, ns, batch_leaves)
         grads = jax.tree.leaves(updates)
         scaled = [
@@ -344,7 +341,7 @@ def muon(
     """
     rules = rules or DEFAULT_RULES
     if per_head is not None and per_head != rules.per_head:
-        rules = MuonRules(**{**rules.__dict__, "per_head": per_head})
+        rules = dataclasses.replace(rules, per_head=per_head)
     if labels is None:
         labels = functools.partial(muon_labels, rules=rules)
 

@@ -24,6 +24,7 @@ Schedules (see `reference/optimizers_and_residuals.md` §1.2, §4.2, §5):
 * an explicit sequence of (a, b, c) triples, one per step.
 """
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -98,7 +99,9 @@ def ns_schedule(
             raise ValueError(f"steps must be >= 1, got {steps}")
     if isinstance(coeffs, str):
         if coeffs not in SCHEDULES:
-            raise ValueError(f"unknown Newton-Schulz schedule {coeffs!r}; expected one of {SCHEDULES}")
+            raise ValueError(
+                f"unknown Newton-Schulz schedule {coeffs!r}; expected one of {SCHEDULES}"
+            )
         n = _DEFAULT_STEPS[coeffs] if steps is None else steps
         if coeffs == "standard":
             return (STANDARD,) * n
@@ -199,9 +202,11 @@ def newton_schulz(
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = jnp.swapaxes(x, -1, -2)
-    if implementation == "map" and x.ndim > 2:
-        flat = x.reshape(-1, *x.shape[-2:])
-        out = jax.lax.map(iterate, flat).reshape(x.shape)
+    count = math.prod(x.shape[:-2])
+    if count == 1:
+        out = iterate(x.reshape(x.shape[-2:])).reshape(x.shape)
+    elif implementation == "map":
+        out = jax.lax.map(iterate, x.reshape(count, *x.shape[-2:])).reshape(x.shape)
     else:
         out = iterate(x)
     if transposed:
