@@ -101,6 +101,7 @@ class BlockSettings:
     param_dtype: Any = jnp.float32
     init_std: float = 0.02
     norm_eps: float = 1e-6
+    num_layers: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +205,7 @@ class ModelConfig:
             param_dtype=DTYPES[self.param_dtype],
             init_std=self.init_std,
             norm_eps=self.rms_norm_eps,
+            num_layers=self.num_layers,
         )
 
 

@@ -127,6 +127,12 @@ def make_eval_step(config: ModelConfig):
     return eval_step
 
 
+def _init_params(model: nn.Module, key: jax.Array, tokens: Any) -> dict[str, Any]:
+    """`{"params": ...}` of `model.init`: collections that modules sow while initialising
+    (`attn_stats`, `losses`) are outputs of a forward pass, not parameters to train or save."""
+    return {"params": model.init(key, tokens)["params"]}
+
+
 def init_train_state(
     config: ModelConfig,
     optimizer: optax.GradientTransformation,
@@ -144,7 +150,7 @@ def init_train_state(
     model = Decoder(config)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params, param_shardings = sharding.init_sharded(
-        lambda key: model.init(key, tokens), rng, mesh=mesh, rules=rules
+        lambda key: _init_params(model, key, tokens), rng, mesh=mesh, rules=rules
     )
     opt_shardings = sharding.optimizer_state_shardings(optimizer, params, param_shardings, mesh)
     with jax.set_mesh(mesh):
@@ -168,8 +174,9 @@ def abstract_train_state(
     shardings: the orbax restore target and the input of ahead-of-time compilation."""
     model = Decoder(config)
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    key = jax.random.key(0)  # created outside the mesh context (AOT meshes have no executable)
     with sharding.use_rules(rules or sharding.current_rules()), jax.set_mesh(mesh):
-        boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)
+        boxed = jax.eval_shape(lambda key: _init_params(model, key, tokens), key)
         param_shardings = sharding.tree_shardings(boxed, mesh, rules)
     params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

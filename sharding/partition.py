@@ -84,14 +84,18 @@ def optimizer_state_shardings(
     mesh: jax.sharding.Mesh,
 ) -> Any:
     """Shardings of `optimizer.init(params)`: per-parameter leaves follow their parameter's
-    sharding (optax.tree_map_params), everything else (counts, scalars) is replicated."""
+    sharding (optax.tree_map_params), everything else (counts, scalars) is replicated.
+
+    Optimizers that route parameters (`optax.partition`, e.g. Muon + AdamW) hold params-shaped
+    states with `optax.MaskedNode` (an empty node) where a parameter belongs to the other
+    group; those stay MaskedNode."""
     abstract_state = jax.eval_shape(optimizer.init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     return optax.tree_map_params(
         optimizer,
-        lambda _, sharding: sharding,
+        lambda value, sharding: value if isinstance(value, optax.MaskedNode) else sharding,
         abstract_state,
         param_shardings,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+        is_leaf=lambda x: isinstance(x, NamedSharding | optax.MaskedNode),
     )

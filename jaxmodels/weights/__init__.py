@@ -1,0 +1,1 @@
+"""Weight import from published checkpoints (Hugging Face layouts) into our parameters."""
