@@ -1,0 +1,175 @@
+"""Orbax checkpoints of a run: train state, grain iterator state and a small JSON record.
+
+One step directory per checkpoint, written by `ocp.CheckpointManager`:
+
+    <workdir>/checkpoints/<step>/state   TrainState (params, optimizer state, step)
+                                 /data    the grain iterator's position (one file per process)
+                                 /meta    JSON: step, seed, rng key data, tokens seen, elapsed time
+
+Saves are asynchronous (the arrays are copied to host before `save` returns, then written in a
+background thread) and atomic (orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it when
+complete, so a killed save never looks like a checkpoint). The newest `keep` are kept.
+
+Restoring goes through an abstract train state whose leaves carry the *current* mesh's
+shardings (`training.abstract_train_state`), so a checkpoint saved on one mesh restores onto
+another. A checkpoint that fails to restore (corrupt or missing files) is reported, moved to
+`<workdir>/corrupt_checkpoints/` and the previous one is tried.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from experiments.data import iterator_restore_args, iterator_save_args
+
+CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be restored."""
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def tree_is_finite(tree: Any) -> bool:
+    """True when every floating-point leaf of `tree` is finite (one small jitted reduction)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return bool(_all_finite(leaves)) if leaves else True
+
+
+class Checkpointer:
+    """The checkpoints of one run directory.
+
+    Args:
+      workdir: the run directory; checkpoints go to `<workdir>/checkpoints`.
+      keep: number of newest checkpoints kept.
+      async_save: write in a background thread (call `wait` / `close` before exiting).
+      log: where messages about corrupt checkpoints go.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        log: Callable[[str], None] = print,
+    ):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+        self.log = log
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
+
+    def steps(self) -> list[int]:
+        """Saved steps, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> None:
+        """Starts saving checkpoint `step` (async: returns once the arrays are on the host)."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=iterator_save_args(data_iterator),
+            meta=ocp.args.JsonSave({**meta, "step": int(step)}),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def restore(
+        self, step: int, abstract_state: Any, data_iterator: Any | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """(state, meta) of checkpoint `step`; also sets `data_iterator`'s position if given.
+
+        Raises CheckpointError when the checkpoint is unreadable or inconsistent.
+        """
+        items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        if data_iterator is not None:
+            items["data"] = iterator_restore_args(data_iterator)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            raise CheckpointError(f"{type(e).__name__}: {_first_line(e)}") from e
+        state, meta = restored["state"], restored["meta"]
+        if not isinstance(meta, dict) or meta.get("step") != step:
+            raise CheckpointError(f"meta record {meta!r} does not name step {step}")
+        if int(jax.device_get(state.step)) != step:
+            raise CheckpointError(f"state.step={int(state.step)} but the directory is step {step}")
+        if not tree_is_finite(state.params):
+            raise CheckpointError("parameters are not finite")
+        return state, meta
+
+    def restore_latest(
+        self, abstract_state: Any, data_iterator: Any | None = None
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest checkpoint that restores, or None if there is none.
+
+        A checkpoint that fails is reported, moved to `<workdir>/corrupt_checkpoints/` (so new
+        saves can reuse its step number) and the previous one is tried.
+        """
+        for step in reversed(self.steps()):
+            try:
+                state, meta = self.restore(step, abstract_state, data_iterator)
+            except CheckpointError as e:
+                moved = self._quarantine(step)
+                self.log(
+                    f"checkpoint at step {step} is corrupt or incomplete ({e}); moved it to "
+                    f"{moved}; trying the previous checkpoint"
+                )
+                continue
+            return step, state, meta
+        return None
+
+    def _quarantine(self, step: int) -> str:
+        target = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self.manager.reload()
+        return target
+
+    def wait(self) -> None:
+        """Blocks until pending saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def rng_to_json(key: jax.Array) -> list[int]:
+    """Typed PRNG key -> JSON list (its raw key data)."""
+    return np.asarray(jax.random.key_data(key)).astype(np.uint32).ravel().tolist()
+
+
+def rng_from_json(data: list[int]) -> jax.Array:
+    return jax.random.wrap_key_data(np.asarray(data, np.uint32))
