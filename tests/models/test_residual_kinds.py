@@ -312,11 +312,12 @@ def test_attn_res_depth_must_be_known_and_consistent_and_overflow_poisons():
         conflicting = _config(AttnResConfig(mode="full", num_layers=1))
         jax.eval_shape(Decoder(conflicting).init, jax.random.key(0), _tokens())
     x = jnp.ones((B, T, 32), jnp.float32)
+    standalone = dataclasses.replace(BASE.settings, num_layers=None)  # depth unknown
     with pytest.raises(ConfigError, match="no enclosing Decoder"):
-        AttnResExpand(config=AttnResConfig(), settings=BASE.settings).apply({}, x)
+        AttnResExpand(config=AttnResConfig(), settings=standalone).apply({}, x)
     config = AttnResConfig(mode="full", num_layers=1)  # 2 sub-layers: room for 3 sources
-    state = AttnResExpand(config=config, settings=BASE.settings).apply({}, x)
-    collapse = AttnResCollapse(config=config, settings=BASE.settings)
+    state = AttnResExpand(config=config, settings=standalone).apply({}, x)
+    collapse = AttnResCollapse(config=config, settings=standalone)
     variables = collapse.init(jax.random.key(0), state)
     for pushes in range(1, 4):
         state = attn_res_push(state, x * pushes, 1)
