@@ -1,6 +1,8 @@
 """Attention kinds. Importing this package registers every built-in kind."""
 
 from jaxmodels.attention import (
+    dsa,  # noqa: F401
     gqa,  # noqa: F401
     mla,  # noqa: F401
+    v4,  # noqa: F401
 )
