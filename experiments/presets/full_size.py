@@ -1,0 +1,153 @@
+"""Full-size, shape-only presets with the published dimensions, for `python -m experiments.compile`
+(AOT compilation for a TPU topology). NEVER initialise them on a CPU: tens of billions of
+parameters.
+
+The library has no mixture-of-experts layer yet, so each feed-forward block is a dense SwiGLU of
+the model's *activated* width, (routed top-k + shared experts) x moe_intermediate_size, which is
+also the published dense-layer width of V3/K2 (18432): FLOPs per token match the published model,
+total parameters do not (the experts are missing). `NOTES` says so in every report.
+
+Dimensions (`/work/shared/reference/attention.md` §1.3, §2.4; Hugging Face configs):
+  deepseek-v3-attn: 61 MLA layers, d 7168, 128 heads, q_lora 1536, kv_lora 512, nope 128,
+    rope 64 (YaRN factor 40, original 4096), v 128, vocab 129280; FFN 18432 (8 routed + 1 shared
+    x 2048 = the V3 dense intermediate_size).
+  kimi-k2-attn: V3 with 64 heads, vocab 163840, rope theta 50000, YaRN factor 32 (beta 1/1).
+  deepseek-v4-flash-attn: 43 layers, d 4096, 64 heads of 512 (rope 64), q_lora 1024, o_groups 8,
+    o_lora 1024, window 128, compress_ratios [0, 0, 4, 128, ..., 4] (2 window, 21 CSA, 20 HCA),
+    indexer 64 x 128 top-512, compress rope theta 160000 + YaRN 16 (original 65536), mHC
+    hc_mult 4 with 20 Sinkhorn iterations, vocab 129280; FFN 7 x 2048 = 14336 (top-6 + 1 shared).
+Kimi-Linear-48B (3 KDA : 1 MLA) is registered only when the `kda` attention kind exists.
+
+All use bf16 activations, fp32 parameters (the optimizer's master copy), full remat, and a
+scanned layer stack where the pattern allows it (one compiled body: fast compilation).
+"""
+
+from __future__ import annotations
+
+from experiments.config import OptimizerConfig, RunConfig, TrainConfig
+from experiments.data import DataConfig
+from experiments.presets import register_preset
+from jaxmodels.attention.mla import MLAConfig
+from jaxmodels.attention.v4 import V4Config, layer_pattern_from_ratios
+from jaxmodels.config import ModelConfig, RopeConfig
+from jaxmodels.residual.mhc import MHCConfig
+
+_DENSE = "dense FFN of the activated width {f} ({k} routed + {s} shared experts x {m}) replaces "
+_DENSE += "the published {e}-expert MoE"
+NOTES: dict[str, list[str]] = {}
+
+
+def _run(model: ModelConfig, seq: int = 4096, batch: int = 256) -> RunConfig:
+    return RunConfig(
+        model=model,
+        data=DataConfig(seq_len=seq, batch_size=batch, val_batches=1),
+        optimizer=OptimizerConfig(learning_rate=2.2e-4, warmup_steps=2000),
+        train=TrainConfig(steps=100_000, mesh="fsdp=-1"),
+    )
+
+
+def _mla_stack(
+    *, heads: int, vocab: int, rope: RopeConfig, layers: int = 61, ffn: int = 18432
+) -> ModelConfig:
+    mla = MLAConfig(
+        num_heads=heads,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        rope=rope,
+    )
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=7168,
+        intermediate_size=ffn,
+        num_layers=layers,
+        layer_pattern=("mla",),
+        attention={"mla": mla},
+        dtype="bfloat16",
+        param_dtype="float32",
+        scan_layers=True,
+        remat="full",
+    )
+
+
+def deepseek_v3_attn() -> RunConfig:
+    """DeepSeek-V3 attention stack: 61 MLA layers at d=7168, dense FFN (no MoE); shape only."""
+    rope = RopeConfig(
+        theta=10000.0,
+        layout="interleaved",
+        yarn_factor=40.0,
+        original_max_position_embeddings=4096,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+    )
+    return _run(_mla_stack(heads=128, vocab=129280, rope=rope))
+
+
+def kimi_k2_attn() -> RunConfig:
+    """Kimi K2 attention stack: 61 MLA layers, 64 heads, vocab 163840, dense FFN; shape only."""
+    rope = RopeConfig(
+        theta=50000.0,
+        layout="interleaved",
+        yarn_factor=32.0,
+        original_max_position_embeddings=4096,
+        beta_fast=1.0,
+        beta_slow=1.0,
+    )
+    return _run(_mla_stack(heads=64, vocab=163840, rope=rope))
+
+
+def deepseek_v4_flash_attn() -> RunConfig:
+    """DeepSeek-V4-Flash: 43 window/CSA/HCA layers + mHC at d=4096, dense FFN; shape only."""
+    base = V4Config(
+        num_attention_heads=64,
+        head_dim=512,
+        qk_rope_head_dim=64,
+        q_lora_rank=1024,
+        o_groups=8,
+        o_lora_rank=1024,
+        sliding_window=128,
+        index_n_heads=64,
+        index_head_dim=128,
+        index_topk=512,
+        rope_theta=10000.0,
+        compress_rope_theta=160000.0,
+        yarn_factor=16.0,
+        original_max_position_embeddings=65536,
+        beta_fast=32.0,
+        beta_slow=1.0,
+    )
+    ratios = [0, 0] + [4 if i % 2 == 0 else 128 for i in range(41)]
+    pattern, attention = layer_pattern_from_ratios(ratios, base)
+    model = ModelConfig(
+        vocab_size=129280,
+        hidden_size=4096,
+        intermediate_size=7 * 2048,
+        num_layers=len(pattern),
+        layer_pattern=pattern,
+        attention=attention,
+        residual=MHCConfig(hc_mult=4, hc_sinkhorn_iters=20),
+        dtype="bfloat16",
+        param_dtype="float32",
+        scan_layers=False,
+        remat="full",
+    )
+    return _run(model)
+
+
+register_preset("deepseek-v3-attn", deepseek_v3_attn)
+NOTES["deepseek-v3-attn"] = [
+    _DENSE.format(f=18432, k=8, s=1, m=2048, e=256),
+    "all 61 layers use the same FFN (V3's first 3 layers are dense with this width anyway)",
+]
+register_preset("kimi-k2-attn", kimi_k2_attn)
+NOTES["kimi-k2-attn"] = [_DENSE.format(f=18432, k=8, s=1, m=2048, e=384)]
+
+register_preset("deepseek-v4-flash-attn", deepseek_v4_flash_attn)
+NOTES["deepseek-v4-flash-attn"] = [
+    _DENSE.format(f=14336, k=6, s=1, m=2048, e=256),
+    "the MTP layer and V4's hash-routed first layers are not modelled",
+]
