@@ -113,6 +113,11 @@ class DSAConfig(MLAConfig):
             index_prefix_chunks=self.index_prefix_chunks,
         )
         check(
+            self.decode_implementation == "xla",
+            f"dsa.decode_implementation={self.decode_implementation!r}: DSA decodes over the "
+            "top-k selected latents with its own gather; only 'xla' is supported",
+        )
+        check(
             self.has_q_lora,
             f"dsa.q_lora_rank={self.q_lora_rank!r}: the indexer's queries come from the query "
             "latent (V3.2 wq_b), so DSA needs q_lora_rank > 0",

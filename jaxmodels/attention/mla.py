@@ -80,6 +80,10 @@ class MLAConfig(AttentionConfig):
       implementation: attention core of the MHA form: "xla", "reference" or "cudnn".
       form: "mha" or "absorbed", the computation of the full forward and of prefill.
       decode_form: "absorbed" (latent cache, absorbed decode) or "mha" (per-head K/V cache).
+      decode_implementation: decode steps (T == 1) over the latent cache: "xla" (pure JAX),
+        "pallas" (the Pallas TPU kernel `jaxmodels/kernels/mla_decode.py`; TPU only),
+        "pallas_interpret" (that kernel in Pallas interpret mode, any backend; slow) or "auto"
+        ("pallas" when lowered for TPU, else "xla").
     """
 
     kind = "mla"
@@ -94,6 +98,7 @@ class MLAConfig(AttentionConfig):
     implementation: str = "xla"
     form: str = "mha"
     decode_form: str = "absorbed"
+    decode_implementation: str = "xla"
 
     def __post_init__(self):
         check_positive("mla", num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank)
@@ -129,6 +134,17 @@ class MLAConfig(AttentionConfig):
         check_choice("mla", "implementation", self.implementation, attention_ops.IMPLEMENTATIONS)
         check_choice("mla", "form", self.form, FORMS)
         check_choice("mla", "decode_form", self.decode_form, FORMS)
+        check_choice(
+            "mla",
+            "decode_implementation",
+            self.decode_implementation,
+            mla_ops.DECODE_IMPLEMENTATIONS,
+        )
+        check(
+            self.decode_implementation == "xla" or self.decode_form == "absorbed",
+            f"mla.decode_implementation={self.decode_implementation!r} is a kernel over the "
+            f"latent cache: it needs decode_form='absorbed', not {self.decode_form!r}",
+        )
 
     @property
     def has_q_lora(self) -> bool:
@@ -364,7 +380,20 @@ class MLAttention(nn.Module):
                 self._sow_max_logits(
                     mla_ops.absorbed_max_logits(*absorbed_args, scale=scale, qk_nope_head_dim=H)
                 )
-            out_BTNH = mla_ops.absorbed_attention(*absorbed_args, scale=scale, qk_nope_head_dim=H)
+            if cache is not None and T == 1 and cfg.decode_implementation != "xla":
+                # A decode step sees the slot prefix [0, min(index, position) + 1) (cache_mask).
+                lengths_B = jnp.minimum(cache.index, positions_BT[:, 0]) + 1
+                out_BTNH = mla_ops.absorbed_decode_attention(
+                    *absorbed_args[:-1],
+                    lengths_B,
+                    scale=scale,
+                    qk_nope_head_dim=H,
+                    implementation=cfg.decode_implementation,
+                )
+            else:
+                out_BTNH = mla_ops.absorbed_attention(
+                    *absorbed_args, scale=scale, qk_nope_head_dim=H
+                )
 
         out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "head_dim"))
         y_BTD = dense(

@@ -22,10 +22,17 @@ value dim where the einsum says so), R rope dim, C latent rank, X = H + R or H +
 concatenation of two per-head parts).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jaxmodels.ops import attention as attention_ops
+
+# `absorbed_decode_attention(implementation=...)`: the pure-JAX reference, the Pallas TPU kernel
+# (jaxmodels/kernels/mla_decode.py), that kernel in Pallas interpret mode (any backend), and
+# "auto": the kernel where the program is lowered for TPU, the pure-JAX form elsewhere.
+DECODE_IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret", "auto")
 
 
 def split_kv_b(kv_b_CNX: jax.Array, qk_nope_head_dim: int) -> tuple[jax.Array, jax.Array]:
@@ -151,15 +158,106 @@ def absorbed_attention(
     """
     w_uk_CNH, w_uv_CNH = split_kv_b(kv_b_CNX, qk_nope_head_dim)
     q_latent_BTNC = absorb_query(q_nope_BTNH, w_uk_CNH)
+    latent_BNTC = absorbed_latent_attention(
+        q_latent_BTNC, q_rope_BTNR, c_kv_BSC, k_rope_BSR, mask_BTS, scale=scale
+    )
+    return jnp.einsum("BNTC,CNH->BTNH", latent_BNTC, w_uv_CNH.astype(latent_BNTC.dtype))
+
+
+def absorbed_latent_attention(
+    q_latent_BTNC: jax.Array,
+    q_rope_BTNR: jax.Array,
+    c_kv_BSC: jax.Array,
+    k_rope_BSR: jax.Array,
+    mask_BTS: jax.Array | None,
+    *,
+    scale: float,
+) -> jax.Array:
+    """The MQA core of the absorbed form: latent outputs [B, N, T, C] in q_latent's dtype.
+
+    The reference of the Pallas kernel `jaxmodels.kernels.mla_decode` (T == 1, prefix masks).
+    """
     logits_BNTS = absorbed_logits(q_latent_BTNC, q_rope_BTNR, c_kv_BSC, k_rope_BSR, scale=scale)
     probs_BNTS = masked_softmax(logits_BNTS, mask_BTS)
-    latent_BNTC = jnp.einsum(  # (BNTC, not BTNC: XLA:CPU has no bf16 x bf16 -> f32 dot for that)
+    return jnp.einsum(  # (BNTC, not BTNC: XLA:CPU has no bf16 x bf16 -> f32 dot for that)
         "BNTS,BSC->BNTC",
         probs_BNTS.astype(c_kv_BSC.dtype),
         c_kv_BSC,
         preferred_element_type=jnp.float32,
-    ).astype(q_nope_BTNH.dtype)
-    return jnp.einsum("BNTC,CNH->BTNH", latent_BNTC, w_uv_CNH.astype(latent_BNTC.dtype))
+    ).astype(q_latent_BTNC.dtype)
+
+
+def absorbed_decode_attention(
+    q_nope_BTNH: jax.Array,
+    q_rope_BTNR: jax.Array,
+    c_kv_BSC: jax.Array,
+    k_rope_BSR: jax.Array,
+    kv_b_CNX: jax.Array,
+    lengths_B: jax.Array,
+    *,
+    scale: float,
+    qk_nope_head_dim: int,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Absorbed attention of one new token per sequence (T == 1) over the cache slots
+    `[0, lengths_B[b])` of each sequence: a decode step over the latent cache.
+
+    implementation: "xla" is `absorbed_attention` with the prefix mask (the reference);
+    "pallas" runs the Pallas TPU kernel `jaxmodels.kernels.mla_decode` (TPU only; under a mesh
+    it runs in `shard_map`, split over batch and heads); "pallas_interpret" runs the same kernel
+    in Pallas interpret mode, on any backend (tests, debugging; slow); "auto" is "pallas" where
+    the program is lowered for TPU and "xla" elsewhere (`jax.lax.platform_dependent`).
+
+    Returns:
+      [B, 1, N, Hv] per-head outputs (before `o_proj`) in q's dtype.
+    """
+    B, T, _, _ = q_nope_BTNH.shape
+    if T != 1:
+        raise ValueError(f"absorbed_decode_attention takes one query token (T == 1), got T={T}")
+    if implementation == "xla":
+        mask_BTS = (jnp.arange(c_kv_BSC.shape[1])[None, :] < lengths_B[:, None])[:, None, :]
+        return absorbed_attention(
+            q_nope_BTNH,
+            q_rope_BTNR,
+            c_kv_BSC,
+            k_rope_BSR,
+            kv_b_CNX,
+            mask_BTS,
+            scale=scale,
+            qk_nope_head_dim=qk_nope_head_dim,
+        )
+    if implementation not in DECODE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r}: expected one of {DECODE_IMPLEMENTATIONS}"
+        )
+    if implementation == "auto":
+        run = functools.partial(
+            absorbed_decode_attention, scale=scale, qk_nope_head_dim=qk_nope_head_dim
+        )
+        return jax.lax.platform_dependent(
+            q_nope_BTNH,
+            q_rope_BTNR,
+            c_kv_BSC,
+            k_rope_BSR,
+            kv_b_CNX,
+            lengths_B,
+            tpu=functools.partial(run, implementation="pallas"),
+            default=functools.partial(run, implementation="xla"),
+        )
+    from jaxmodels.kernels.mla_decode import mla_decode_on_mesh  # Pallas: only when used
+
+    w_uk_CNH, w_uv_CNH = split_kv_b(kv_b_CNX, qk_nope_head_dim)
+    q_latent_BNC = absorb_query(q_nope_BTNH, w_uk_CNH)[:, 0]
+    latent_BNC = mla_decode_on_mesh(
+        q_latent_BNC,
+        q_rope_BTNR[:, 0],
+        c_kv_BSC,
+        k_rope_BSR,
+        lengths_B,
+        scale=scale,
+        interpret=implementation == "pallas_interpret",
+    )
+    return jnp.einsum("BNC,CNH->BNH", latent_BNC, w_uv_CNH.astype(latent_BNC.dtype))[:, None]
 
 
 def absorbed_max_logits(

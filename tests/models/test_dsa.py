@@ -350,6 +350,8 @@ def test_bad_configs_give_clear_errors():
         DSAConfig(decode_form="mha")
     with pytest.raises(ConfigError, match="index_topk"):
         DSAConfig(index_topk=0)
+    with pytest.raises(ConfigError, match="dsa.decode_implementation='pallas'"):
+        DSAConfig(decode_implementation="pallas")
 
 
 def test_config_is_an_mla_config_and_round_trips():
