@@ -210,8 +210,17 @@ def plan(
     train = steps["train"]
     model_flops = model_flops_per_token(config, state.params, seq) * batch * seq / len(devices)
     train["model_flops_per_chip"] = model_flops
-    if train.get("flops_per_chip"):
-        train["mfu_bound"] = model_flops / train["flops_per_chip"]
+    xla_flops = train.get("flops_per_chip")
+    if xla_flops and xla_flops < model_flops:
+        # XLA's cost analysis counts a while loop's body once, so a scanned layer stack
+        # reports about one layer's FLOPs: the model count is the better lower bound.
+        train["flops_note"] = (
+            "XLA's FLOP count is below the model's (a scanned layer stack's loop body is "
+            "counted once); the step-time bound uses the model FLOPs"
+        )
+        train["step_seconds_at_peak"] = model_flops / peak
+    elif xla_flops:
+        train["mfu_bound"] = model_flops / xla_flops
     step_at_50 = model_flops / (0.5 * peak)
     train["step_seconds_at_50pct_mfu"] = step_at_50
     train["tokens_per_second_per_chip_at_50pct_mfu"] = batch * seq / len(devices) / step_at_50

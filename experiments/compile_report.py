@@ -227,6 +227,8 @@ def format_report(report: dict[str, Any]) -> str:
                 + f"at 50% MFU: {step['step_seconds_at_50pct_mfu'] * 1e3:.1f} ms/step, "
                 f"{step['tokens_per_second_per_chip_at_50pct_mfu']:.0f} tokens/s/chip"
             )
+        if step.get("flops_note"):
+            lines.append(f"  note: {step['flops_note']}")
         if step.get("collectives_error"):
             lines.append(f"  collectives: unknown ({step['collectives_error']})")
         if step.get("collectives"):
