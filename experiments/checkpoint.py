@@ -14,6 +14,8 @@ Restoring goes through an abstract train state whose leaves carry the *current* 
 shardings (`training.abstract_train_state`), so a checkpoint saved on one mesh restores onto
 another. A checkpoint that fails to restore (corrupt or missing files) is reported, moved to
 `<workdir>/corrupt_checkpoints/` and the previous one is tried.
+
+`restore_params` reads only the parameters of another run's checkpoint (`train.init_from`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,6 +162,100 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(source: str, abstract_params: Any) -> tuple[int, Any, str]:
+    """The parameters of another run's checkpoint, placed like `abstract_params`.
+
+    `source` is a run's workdir, its `checkpoints/` directory (the newest checkpoint is used),
+    or one `checkpoints/<step>` directory. Only `state.params` is read, with orbax's partial
+    restore (`PyTreeRestore(..., partial_restore=True)` through a read-only
+    `CheckpointManager`); the optimizer state, the step and the data position are not. The
+    leaves take the shardings (and dtypes) of `abstract_params`, so any mesh works.
+
+    Returns:
+      (step, params, path of the step directory read).
+
+    Raises:
+      CheckpointError: `source` holds no checkpoint; the saved parameter tree differs from
+        `abstract_params` (the message names the first differing path and both shapes); or the
+        checkpoint is unreadable or not finite.
+    """
+    directory, step = _checkpoints_of(source)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    handlers = {  # every item of a step, so that orbax knows them all; only "state" is read
+        "state": ocp.PyTreeCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(
+                f"no checkpoint in {source!r}: expected a run's workdir, its {CHECKPOINT_DIR}/ "
+                f"directory or one {CHECKPOINT_DIR}/<step> directory"
+            )
+        where = os.path.join(directory, str(step))
+        saved = manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        if not isinstance(saved, dict) or "params" not in saved:
+            raise CheckpointError(f"{where} holds no train state parameters")
+        mismatch = first_mismatch(saved["params"], abstract_params)
+        if mismatch:
+            raise CheckpointError(f"the parameters in {where} do not fit this model: {mismatch}")
+        target = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=args))
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            raise CheckpointError(f"{where}: {type(e).__name__}: {_first_line(e)}") from e
+    finally:
+        manager.close()
+    params = restored["state"]["params"]
+    if not tree_is_finite(params):
+        raise CheckpointError(f"the parameters in {where} are not finite")
+    return step, params, where
+
+
+def _checkpoints_of(source: str) -> tuple[str, int | None]:
+    """(checkpoints directory, step or None for the newest) named by `source`."""
+    source = os.path.abspath(source)
+    if not os.path.isdir(source):
+        raise CheckpointError(f"{source!r} is not a directory")
+    if os.path.isdir(os.path.join(source, CHECKPOINT_DIR)):
+        return os.path.join(source, CHECKPOINT_DIR), None
+    name = os.path.basename(source)
+    if name.isdigit() and os.path.isdir(os.path.join(source, "state")):
+        return os.path.dirname(source), int(name)
+    return source, None
+
+
+def first_mismatch(saved: Any, expected: Any) -> str | None:
+    """The first leaf path where two trees of arrays (or array metadata) differ in presence or
+    shape, as "path: reason", or None when they agree."""
+
+    def shapes(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {_path_name(path): tuple(leaf.shape) for path, leaf in flat}
+
+    old, new = shapes(saved), shapes(expected)
+    for path in sorted(set(old) | set(new)):
+        if path not in old:
+            return f"{path}: not in the checkpoint (this model has shape {new[path]})"
+        if path not in new:
+            return f"{path}: in the checkpoint (shape {old[path]}) but not in this model"
+        if old[path] != new[path]:
+            return f"{path}: shape {old[path]} in the checkpoint, {new[path]} in this model"
+    return None
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def _first_line(e: BaseException) -> str:

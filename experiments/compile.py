@@ -178,8 +178,8 @@ def plan(
     opt_config = run.optimizer
     if optimizer is not None:
         opt_config = dataclasses.replace(opt_config, name=optimizer)
-    tx = build_optimizer(opt_config, total_steps=run.train.steps)
     config = run.model
+    tx = build_optimizer(opt_config, total_steps=run.train.steps, model=config)
     rules = sharding.current_rules()
 
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -198,7 +198,15 @@ def plan(
     abstract_batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in example.items()
     }
-    trainer = build_trainer(config, tx, mesh, state_shardings, example, rules=rules)
+    trainer = build_trainer(
+        config,
+        tx,
+        mesh,
+        state_shardings,
+        example,
+        rules=rules,
+        track_max_logits=opt_config.qk_clip_threshold is not None,
+    )
     with jax.set_mesh(mesh), sharding.use_rules(rules):
         compiled, seconds, error = _compile(trainer.jitted, state, abstract_batch)
     per_chip = {

@@ -15,8 +15,19 @@ import math
 from typing import Any
 
 from experiments.data import VOCAB_SIZE, DataConfig
-from jaxmodels.config import ConfigError, ModelConfig, check, check_choice, from_dict, to_dict
+from jaxmodels.attention.gqa import GQAConfig
+from jaxmodels.attention.mla import MLAConfig
+from jaxmodels.config import (
+    AttentionConfig,
+    ConfigError,
+    ModelConfig,
+    check,
+    check_choice,
+    from_dict,
+    to_dict,
+)
 from optimizers import SCHEDULES as NS_SCHEDULES
+from optimizers import QKClipTarget, mha_targets, mla_targets
 from sharding.mesh import MESH_AXES, parse_mesh_spec
 
 OPTIMIZERS = ("adamw", "muon")
@@ -60,6 +71,11 @@ class OptimizerConfig:
       muon_scaling: "rms_match" (Moonlight, update RMS = muon_target_rms), "shape" or "none".
       muon_target_rms: update RMS of Muon matrices with muon_scaling="rms_match".
       muon_adam_lr_ratio: learning rate of Muon's AdamW group as a fraction of learning_rate.
+      qk_clip_threshold: QK-Clip's τ (Kimi K2: 100), or None (off). When set, the train step
+        tracks every attention layer's per-head max logit and `optimizers.qk_clip` rescales,
+        after the optimizer step, the query/key weights of each head whose max logit exceeded
+        τ (with name="muon" this is MuonClip). Needs a layer kind that QK-Clip knows (see
+        `qk_clip_targets`).
     """
 
     name: str = "adamw"
@@ -81,6 +97,7 @@ class OptimizerConfig:
     muon_scaling: str = "rms_match"
     muon_target_rms: float = 0.2
     muon_adam_lr_ratio: float = 1.0
+    qk_clip_threshold: float | None = None
 
     def __post_init__(self):
         check_choice("optimizer", "name", self.name, OPTIMIZERS)
@@ -107,6 +124,14 @@ class OptimizerConfig:
         _check_finite("optimizer", "muon_adam_lr_ratio", self.muon_adam_lr_ratio, 0.0)
         if self.muon_ns_steps is not None:
             _check_count("optimizer", "muon_ns_steps", self.muon_ns_steps, 1)
+        if self.qk_clip_threshold is not None:
+            threshold = self.qk_clip_threshold
+            ok = isinstance(threshold, int | float) and not isinstance(threshold, bool)
+            check(
+                ok and math.isfinite(threshold) and threshold > 0,
+                f"optimizer.qk_clip_threshold={threshold!r} must be a positive finite number "
+                "(the max attention logit allowed, e.g. 100), or none to turn QK-Clip off",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +154,11 @@ class TrainConfig:
       sample_temperature: sampling temperature (0 = greedy).
       sample_top_k: keep the k most likely tokens (None: all).
       sample_top_p: nucleus sampling mass (None: off).
+      init_from: a run's workdir or its `checkpoints/` directory (newest checkpoint), or one
+        `checkpoints/<step>` directory, whose parameters initialise a new run — not the
+        optimizer state, the step or the data position (stage chaining, e.g. DSA's dense
+        warm-up then sparse stage). A run that resumes from its own checkpoint ignores it.
+        None: random initialisation.
     """
 
     steps: int = 1000
@@ -146,6 +176,7 @@ class TrainConfig:
     sample_temperature: float = 0.8
     sample_top_k: int | None = None
     sample_top_p: float | None = 0.95
+    init_from: str | None = None
 
     def __post_init__(self):
         _check_count("train", "steps", self.steps, 1)
@@ -161,6 +192,11 @@ class TrainConfig:
                 isinstance(self.sample_top_p, int | float) and 0.0 < self.sample_top_p <= 1.0,
                 f"train.sample_top_p={self.sample_top_p!r} must be None or in (0, 1]",
             )
+        check(
+            self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+            f"train.init_from={self.init_from!r} must be a run's workdir or checkpoint "
+            "directory, or none",
+        )
         try:
             parse_mesh_spec(self.mesh)
         except ValueError as e:
@@ -202,6 +238,18 @@ class RunConfig:
             opt.warmup_steps < steps,
             f"optimizer.warmup_steps={opt.warmup_steps} must be smaller than train.steps={steps}",
         )
+        if opt.qk_clip_threshold is not None:
+            labels = dict.fromkeys(self.model.layer_pattern)
+            uses = ", ".join(
+                f"{label!r} (kind {self.model.attention[label].kind})" for label in labels
+            )
+            check(
+                any(qk_clip_targets(self.model.attention[label]) for label in labels),
+                f"optimizer.qk_clip_threshold={opt.qk_clip_threshold} needs a softmax attention "
+                f"layer whose per-head max logits QK-Clip can clip (kinds gqa, mla, or kinds "
+                f"extending them such as dsa), but model.layer_pattern uses {uses}; set "
+                "--optimizer.qk_clip_threshold=none or add such a layer",
+            )
         if opt.schedule == "wsd":
             decay = wsd_decay_steps(opt, steps)
             check(
@@ -210,6 +258,23 @@ class RunConfig:
                 f"(optimizer.decay_fraction={opt.decay_fraction} of train.steps={steps}) "
                 f"exceed train.steps",
             )
+
+
+def qk_clip_targets(attention: AttentionConfig) -> list[QKClipTarget]:
+    """QK-Clip's weight slices of one attention layer (`optimizers.qk_clip`); [] if none.
+
+    MHA/GQA (`gqa`, sliding-window layers included): q_proj and k_proj by sqrt(γ), a kv head
+    by its group's smallest γ. MLA (`mla` and the kinds that extend it, e.g. `dsa`): q_nope and
+    k_nope (in kv_b_proj) by sqrt(γ), q_rope by γ, the shared rope key (kv_a_proj) untouched.
+    Other kinds (linear attention, DeepSeek-V4's) sow no max logits and are not clipped.
+    """
+    if isinstance(attention, MLAConfig):
+        return mla_targets(
+            attention.qk_nope_head_dim, attention.qk_rope_head_dim, attention.has_q_lora
+        )
+    if isinstance(attention, GQAConfig):
+        return mha_targets(attention.num_heads, attention.num_kv_heads)
+    return []
 
 
 def wsd_decay_steps(opt: OptimizerConfig, steps: int) -> int:

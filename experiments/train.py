@@ -9,9 +9,11 @@ Trains a decoder (the jitted, sharded train step of `jaxmodels.training` on the 
     loss.png         train and validation bits per byte, rewritten at every evaluation
     sample.txt       a text sample generated with the KV cache at the end
 
-Re-running the same command resumes from the newest checkpoint. SIGTERM / SIGINT finish the
-current step, save a checkpoint and exit (status 0). A non-finite loss or gradient stops the
-run (status 1) naming the step; that state is never saved. `--help` lists every config field.
+Re-running the same command resumes from the newest checkpoint; `--train.init_from=RUN` starts a
+fresh workdir from another run's parameters instead of a random init (stage chaining; the
+workdir's own checkpoints take precedence). SIGTERM / SIGINT finish the current step, save a
+checkpoint and exit (status 0). A non-finite loss or gradient stops the run (status 1) naming
+the step; that state is never saved. `--help` lists every config field.
 
 In Python, `run(config, workdir)` does the same and returns a `RunResult`.
 """
@@ -230,7 +232,7 @@ class _Run:
         self.checkpointer = checkpointer
         self.mesh = make_run_mesh(config)
         self.train_iter, self.val_batches_fn, self.info = make_datasets(config.data)
-        self.tx = build_optimizer(config.optimizer, tc.steps)
+        self.tx = build_optimizer(config.optimizer, tc.steps, config.model)
         self.schedule = learning_rate_schedule(config.optimizer, tc.steps)
         if checkpointer.steps() and os.path.exists(self.path("config.json")):
             with open(self.path("config.json")) as f:
@@ -256,12 +258,20 @@ class _Run:
             # A failed restore may have moved the iterator before its state failed to load.
             self.train_iter.set_state(initial_position)
             self.rng = jax.random.key(tc.seed)
-            self.state, _ = training.init_train_state(
-                config.model, self.tx, self.rng, self.mesh, seq_len=config.data.seq_len
-            )
+            if tc.init_from is None:
+                self.state, _ = training.init_train_state(
+                    config.model, self.tx, self.rng, self.mesh, seq_len=config.data.seq_len
+                )
+            else:
+                self.state = self.state_from_run(tc.init_from, abstract.params)
             self.start_step, self.tokens_seen, self.elapsed0 = 0, 0, 0.0
         else:
             self.start_step, self.state, meta = restored
+            if tc.init_from is not None:
+                self.emit(
+                    f"resuming this run's own checkpoint (step {self.start_step}); "
+                    f"train.init_from={tc.init_from!r} applies only to a fresh run"
+                )
             self.rng = ckpt.rng_from_json(meta["rng"])
             self.tokens_seen = int(meta.get("tokens", 0))
             self.elapsed0 = float(meta.get("elapsed_s", 0.0))
@@ -280,13 +290,27 @@ class _Run:
         }
         self.batch_shardings = training.batch_shardings(self.mesh, example)
         self.train_step = training.build_trainer(
-            config.model, self.tx, self.mesh, self.shardings, example
+            config.model,
+            self.tx,
+            self.mesh,
+            self.shardings,
+            example,
+            track_max_logits=config.optimizer.qk_clip_threshold is not None,
         )
         self.eval_step = make_eval_step(
             config, self.mesh, self.shardings.params, self.batch_shardings
         )
         self.tokens_per_step = B * T
         self._describe(restored is not None)
+
+    def state_from_run(self, source: str, abstract_params: Any) -> training.TrainState:
+        """Step 0 with the parameters of `source`'s checkpoint and a fresh optimizer state."""
+        try:
+            step, params, where = ckpt.restore_params(source, abstract_params)
+        except ckpt.CheckpointError as e:
+            raise SetupError(f"train.init_from={source!r}: {e}") from None
+        self.emit(f"parameters initialised from {where} (step {step}); optimizer state is fresh")
+        return training.train_state_from_params(params, self.tx, self.shardings, self.mesh)
 
     def _describe(self, resumed: bool) -> None:
         cfg, info = self.config, self.info
@@ -296,13 +320,15 @@ class _Run:
         if info.unigram_bpb is not None:
             data += f", unigram baseline {info.unigram_bpb:.2f} bits/byte"
         where = f"resuming from step {self.start_step}" if resumed else "starting from step 0"
+        tau = cfg.optimizer.qk_clip_threshold
+        qk_clip = "" if tau is None else f", QK-Clip at max logit {tau:g}"
         self.emit(
             f"run {self.workdir}: {where} of {self.tc.steps}\n"
             f"  model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, width "
             f"{cfg.model.hidden_size}, pattern {','.join(cfg.model.layer_pattern)}\n"
             f"  data: {data}; batch {cfg.data.batch_size} x {cfg.data.seq_len} tokens\n"
             f"  optimizer: {cfg.optimizer.name}, lr {cfg.optimizer.learning_rate:g} "
-            f"({cfg.optimizer.schedule}, warmup {cfg.optimizer.warmup_steps})\n"
+            f"({cfg.optimizer.schedule}, warmup {cfg.optimizer.warmup_steps}){qk_clip}\n"
             f"  mesh: {dict(self.mesh.shape)} over {jax.device_count()} "
             f"{jax.devices()[0].platform} devices"
         )
@@ -336,6 +362,8 @@ class _Run:
             "tokens": self.tokens_seen,
             "time_s": round(self.elapsed(), 3),
         }
+        if "max_logit" in fetched[-1]:  # QK-Clip: the largest pre-clip logit of the window
+            record["max_logit"] = float(np.max([m["max_logit"] for m in fetched]))
         if steps > 0 and seconds > 0:
             record["tokens_per_s"] = steps * self.tokens_per_step / seconds
         self.metrics.add(record)

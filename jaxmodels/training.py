@@ -14,8 +14,11 @@ import jax.numpy as jnp
 import optax
 
 import sharding
-from jaxmodels.config import ModelConfig
-from jaxmodels.model import Decoder
+from jaxmodels.config import AttentionConfig, ModelConfig
+from jaxmodels.model import Decoder, group_sizes
+from optimizers import collect_max_logits
+
+PARAMS = "params"  # the parameter collection: `TrainState.params` is `{"params": ...}`
 
 
 @flax.struct.dataclass
@@ -49,14 +52,35 @@ def bits_per_token(loss_nats: float) -> float:
 def max_logits_by_module(attn_stats: Any) -> dict[tuple[str, ...], jax.Array]:
     """Flattens the sown `attn_stats` collection to {attention module path: max logits}.
 
-    Scanned stacks keep their leading layer axis ([L, N]); unrolled layers give [N].
+    The keys are the modules' parameter paths in the `{"params": ...}` variables, e.g.
+    `("params", "group_0", "layer_0", "attention")` — the keys of `attention_modules` and of
+    `optimizers.qk_clip`'s targets. Scanned stacks keep their leading layer axis ([L, N]);
+    unrolled layers give [N].
     """
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(attn_stats)[0]:
-        keys = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
-        if "max_logits" in keys:
-            out[keys[: keys.index("max_logits")]] = leaf
-    return out
+    return collect_max_logits(attn_stats, name="max_logits", prefix=(PARAMS,))
+
+
+def attention_modules(config: ModelConfig) -> dict[tuple[str, ...], AttentionConfig]:
+    """{parameter path of every attention module of `Decoder(config)`: its attention config}.
+
+    Paths follow the decoder's naming (`model.py`): `("params", "layers", "layer_<i>",
+    "attention")` for a scanned stack (one entry per pattern position, leaves with a leading
+    layer axis), `("params", "group_<g>", "layer_<i>", "attention")` when unrolled, and
+    `("params", "tail", "layer_<i>", "attention")` for the layers of a partial repetition.
+    """
+    pattern = config.layer_pattern
+    num_groups, remainder = group_sizes(config)
+    if config.scan_layers:
+        groups = [("layers", pattern)] if num_groups else []
+    else:
+        groups = [(f"group_{g}", pattern) for g in range(num_groups)]
+    if remainder:
+        groups.append(("tail", pattern[:remainder]))
+    return {
+        (PARAMS, group, f"layer_{i}", "attention"): config.attention[label]
+        for group, labels in groups
+        for i, label in enumerate(labels)
+    }
 
 
 def auxiliary_loss(losses: Any) -> jax.Array:
@@ -94,9 +118,8 @@ def make_train_step(
         return lm_loss + aux_loss, (lm_loss, aux_loss, count, collections.get("attn_stats", {}))
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        (_, (loss, aux_loss, count, attn_stats)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True
-        )(state.params, batch)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, (loss, aux_loss, count, attn_stats)), grads = grad_fn(state.params, batch)
         extra = {"max_logits": max_logits_by_module(attn_stats)} if track_max_logits else {}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
@@ -153,13 +176,23 @@ def init_train_state(
         lambda key: _init_params(model, key, tokens), rng, mesh=mesh, rules=rules
     )
     opt_shardings = sharding.optimizer_state_shardings(optimizer, params, param_shardings, mesh)
-    with jax.set_mesh(mesh):
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    state = TrainState(step=step, params=params, opt_state=opt_state)
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-    return state, shardings
+    return train_state_from_params(params, optimizer, shardings, mesh), shardings
+
+
+def train_state_from_params(
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    shardings: TrainState,
+    mesh: jax.sharding.Mesh,
+) -> TrainState:
+    """Step 0 and a fresh optimizer state for `params` (placed with `shardings.params`), e.g.
+    parameters restored from another run."""
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
 
 
 def abstract_train_state(

@@ -22,6 +22,9 @@ the optimizer and rewrites the updates so that ``params + updates == clip(params
 next step only approximately, as in K2). A model can `sow` its per-head max logits; use
 `collect_max_logits` to turn Flax's ``intermediates`` collection into this dict. Under data
 parallelism compute the max over the global batch (jnp.max of a sharded array already is).
+The library's train step does this: `jaxmodels.training.make_train_step(...,
+track_max_logits=True)` collects the ``attn_stats`` its attention layers sow and passes them
+keyed by the modules' parameter paths (``("params", ...)``, `collect_max_logits`' default).
 
 The spec is plain data: for each attention module (its parameter path prefix) a list of
 `QKClipTarget`s; `mha_targets` and `mla_targets` build the usual ones.

@@ -2,7 +2,13 @@
 size that trains and decodes on a CPU in minutes.
 
     python -m experiments.train --preset deepseek-v32-tiny-warmup --workdir runs/dsa-warmup
-    python -m experiments.train --preset deepseek-v32-tiny --workdir runs/dsa
+    python -m experiments.train --preset deepseek-v32-tiny --train.init_from=runs/dsa-warmup
+
+The second command (workdir `runs/deepseek-v32-tiny`) starts the sparse stage from the warm-up
+run's newest checkpoint: its parameters (main model and indexer; both stages have the same
+parameter tree), with a fresh optimizer state, step 0 and the data from the start
+(`train.init_from`). Re-running it resumes its own workdir; `init_from` applies only to a fresh
+one.
 
 Every layer is DSA (V3.2 makes every layer DSA): MLA with q-LoRA, 4 indexer heads of 32 dims
 with 8 rope dims first, and top-32 of the up to 128 tokens of a training sequence, so that the

@@ -166,3 +166,45 @@ def test_keeps_only_the_newest_checkpoints(setup, tmp_path):
         checkpointer.save(step, at_step(setup[3], step), it, {"rng": [0, 0]})
     checkpointer.close()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+
+
+def test_restore_params_reads_only_the_parameters_of_another_run(setup, tmp_path):
+    """`train.init_from`: the newest (or a named) step's parameters onto another mesh; the
+    source directory is only read."""
+    config = setup[0]
+    it, _, _ = make_datasets(config.data)
+    saved = save_steps(tmp_path, setup, [2, 5], it)
+    mesh4 = make_mesh("fsdp=-1", devices=jax.devices()[:4])
+    abstract = abstract_on(setup, mesh4).params
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    for source, step in (
+        (tmp_path, 5),
+        (tmp_path / "checkpoints", 5),
+        (tmp_path / "checkpoints" / "2", 2),
+    ):
+        got_step, params, where = ckpt.restore_params(str(source), abstract)
+        assert got_step == step and where == str(tmp_path / "checkpoints" / str(step))
+        assert_trees_equal(params, saved[step].params)
+        kernel = params["params"]["group_0"]["layer_0"]["attention"]["q_proj"]["kernel"]
+        assert (
+            kernel.sharding
+            == abstract["params"]["group_0"]["layer_0"]["attention"]["q_proj"]["kernel"].sharding
+        )
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    with pytest.raises(ckpt.CheckpointError, match="is not a directory"):
+        ckpt.restore_params(str(tmp_path / "missing"), abstract)
+
+
+def test_first_mismatch_names_the_first_differing_path():
+    a = {"params": {"x": jnp.zeros((2, 3)), "y": jnp.zeros(4)}}
+    assert ckpt.first_mismatch(a, a) is None
+    assert ckpt.first_mismatch(a, {"params": {"x": jnp.zeros((2, 3))}}) == (
+        "params/y: in the checkpoint (shape (4,)) but not in this model"
+    )
+    assert ckpt.first_mismatch({"params": {"y": jnp.zeros(4)}}, a) == (
+        "params/x: not in the checkpoint (this model has shape (2, 3))"
+    )
+    b = {"params": {"x": jnp.zeros((2, 5)), "y": jnp.zeros(5)}}
+    assert ckpt.first_mismatch(a, b) == (
+        "params/x: shape (2, 3) in the checkpoint, (2, 5) in this model"
+    )

@@ -79,6 +79,18 @@ def test_scanned_stack_uses_model_flops_for_the_step_bound(tpu):
     assert train["step_seconds_at_peak"] == pytest.approx(train["model_flops_per_chip"] / 459e12)
 
 
+def test_muon_with_qk_clip_compiles(tpu):
+    run = get_preset("tiny")
+    run = dataclasses.replace(
+        run,
+        optimizer=dataclasses.replace(run.optimizer, name="muon", qk_clip_threshold=100.0),
+    )
+    report = aot.plan(run, preset="tiny", topology=TOPOLOGY, mesh_spec=MESHES[0])
+    train = report["steps"]["train"]
+    assert train["compiled"], train["error"]
+    assert train["fits"]
+
+
 def test_decode_steps_compile_with_sharded_caches(tpu):
     report = _tiny_report(MESHES[0])
     run = get_preset("tiny")

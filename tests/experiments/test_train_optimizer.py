@@ -1,13 +1,28 @@
 """The main job's optimizer (experiments/optimizer.py): schedules, the optax chain, Muon."""
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from experiments.config import OptimizerConfig
-from experiments.optimizer import build_optimizer, decay_mask, learning_rate_schedule
+from experiments import cli
+from experiments.config import OptimizerConfig, RunConfig
+from experiments.optimizer import (
+    build_optimizer,
+    decay_mask,
+    learning_rate_schedule,
+    qk_clip_module_targets,
+)
+from jaxmodels import training
+from jaxmodels.attention.gqa import GQAConfig
+from jaxmodels.attention.mla import MLAConfig
+from jaxmodels.attention.v4 import V4Config
+from jaxmodels.config import ConfigError, ModelConfig
+from jaxmodels.model import Decoder
 
 
 def lrs(config, total, steps):
@@ -136,3 +151,115 @@ def test_muon_state_shardings_follow_fsdp_parameters():
         if "q_proj" in jax.tree_util.keystr(path)
     }
     assert specs and all(spec[0] == "fsdp" for spec in specs.values()), specs
+
+
+# -- QK-Clip (MuonClip) in the main job ---------------------------------------------------------
+
+
+def attention_entries():
+    return {
+        "gqa": GQAConfig(num_heads=4, num_kv_heads=2, head_dim=8),
+        "local": GQAConfig(num_heads=4, num_kv_heads=4, head_dim=8, sliding_window=4),
+        "mla": MLAConfig(
+            num_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4
+        ),
+        "v4": V4Config(num_attention_heads=4, head_dim=16, q_lora_rank=16, o_lora_rank=16),
+    }
+
+
+@pytest.mark.parametrize(
+    "pattern, num_layers, scan_layers",
+    [
+        (("gqa",), 2, False),
+        (("gqa",), 2, True),
+        (("mla", "local"), 3, False),  # group_0 (mla, local) and a tail (mla)
+        (("mla", "v4"), 4, True),  # v4 sows no max logits and is not clipped
+    ],
+)
+def test_qk_clip_targets_are_keyed_like_the_sown_max_logits(pattern, num_layers, scan_layers):
+    attention = {label: attention_entries()[label] for label in pattern}
+    model = ModelConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=num_layers,
+        layer_pattern=pattern,
+        attention=attention,
+        scan_layers=scan_layers,
+    )
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    init = Decoder(model).init  # init sows too: the keys the train step passes to QK-Clip
+    variables = nn.meta.unbox(jax.eval_shape(init, jax.random.key(0), tokens))
+    sown = jax.eval_shape(training.max_logits_by_module, variables["attn_stats"])
+    targets = qk_clip_module_targets(model)
+    assert set(targets) == set(sown)
+    clipped_layers = sum(
+        attention[model.layer_pattern[i % len(pattern)]].kind != "v4" for i in range(num_layers)
+    )
+    assert sum(np.prod(v.shape) // 4 for v in sown.values()) == clipped_layers
+    for module, module_targets in targets.items():  # every target names a kernel of that layer
+        layer = variables
+        for key in module:
+            layer = layer[key]
+        for target in module_targets:
+            kernel = layer[target.leaf[0]][target.leaf[1]]
+            assert kernel.shape[target.head_axis + scan_layers] in (4, 2)  # N or K heads
+
+
+def test_qk_clip_config_errors_name_the_field_the_value_and_the_rule():
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "100"):
+        with pytest.raises(ConfigError, match=r"optimizer.qk_clip_threshold=.* positive finite"):
+            OptimizerConfig(qk_clip_threshold=bad)
+    v4_only = ModelConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        layer_pattern=("v4",),
+        attention={"v4": attention_entries()["v4"]},
+    )
+    with pytest.raises(ConfigError, match=r"qk_clip_threshold=100.*uses 'v4' \(kind v4\).*none"):
+        RunConfig(model=v4_only, optimizer=OptimizerConfig(qk_clip_threshold=100.0))
+    with pytest.raises(cli.CLIError, match=r"--optimizer.qk_clip_threshold=-3.*positive finite"):
+        cli.parse_args(["--preset=tiny", "--optimizer.qk_clip_threshold=-3"])
+    args = cli.parse_args(
+        ["--preset=tiny", "--optimizer.name=muon", "--optimizer.qk_clip_threshold=50"]
+    )
+    assert args.config.optimizer.qk_clip_threshold == 50.0
+    no_model = build_optimizer(args.config.optimizer, 10)  # restore targets need only the state
+    params = {"params": {"w": jnp.ones((4, 4))}}
+    state = no_model.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(
+        build_optimizer(args.config.optimizer, 10, args.config.model).init(params)
+    )
+    with pytest.raises(ValueError, match="model=config.model"):
+        no_model.update(params, state, params, max_logits={})
+
+
+def test_muon_clip_chain_is_muon_then_qk_clip():
+    """Same update as optimizers.muon for weights under τ; τ/S-scaled heads otherwise."""
+    from experiments import presets
+
+    config = presets.get_preset("tiny")
+    opt = dataclasses.replace(config.optimizer, name="muon", warmup_steps=0, qk_clip_threshold=10.0)
+    tx = build_optimizer(opt, 10, config.model)
+    plain = build_optimizer(dataclasses.replace(opt, qk_clip_threshold=None), 10)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    variables = nn.meta.unbox(Decoder(config.model).init(jax.random.key(0), tokens))
+    params = jax.tree.map(np.asarray, {"params": variables["params"]})
+    grads = jax.tree.map(lambda p: np.cos(3.0 * p), params)
+    modules = list(qk_clip_module_targets(config.model))
+    s = {m: np.array([40.0, 1.0, 1.0, 1.0], np.float32) for m in modules}  # head 0 of group 0
+    updates, state = tx.update(grads, tx.init(params), params, max_logits=s)
+    reference, _ = plain.update(grads, plain.init(params), params)
+    assert int(state[-1].clipped) == len(modules)
+    new, ref = optax.apply_updates(params, updates), optax.apply_updates(params, reference)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(ref)[0]:
+        keys = tuple(k.key for k in path)
+        got = new
+        for key in keys:
+            got = got[key]
+        if keys[-2] in ("q_proj", "k_proj"):  # group 0 (query heads 0, 1; kv head 0) by 1/2
+            heads = 2 if keys[-2] == "q_proj" else 1
+            np.testing.assert_allclose(got[:, :heads], 0.5 * leaf[:, :heads], rtol=1e-5)
+            np.testing.assert_array_equal(got[:, heads:], leaf[:, heads:])
+        else:
+            np.testing.assert_array_equal(got, leaf)
