@@ -74,6 +74,25 @@ INDEXER_NORM_EPS = 1e-6  # V3.2-Exp Indexer.k_norm: LayerNorm(eps=1e-6)
 LOSS_COLLECTION, LOSS_NAME = "losses", "indexer_kl"
 
 
+def check_indexer_training(owner: str, stage: str, loss_weight: float) -> None:
+    """Validates the indexer-training fields `indexer_stage` (one of `STAGES`) and
+    `index_loss_weight` (a number >= 0) of a config named `owner` (DSA; V4's CSA layers)."""
+    check_choice(owner, "indexer_stage", stage, STAGES)
+    check(
+        isinstance(loss_weight, int | float) and loss_weight >= 0,
+        f"{owner}.index_loss_weight={loss_weight!r} must be a number >= 0",
+    )
+
+
+def sow_indexer_loss(module: nn.Module, kl_BT: jax.Array, weight: float) -> None:
+    """Sows ``mean(kl_BT) * weight`` as the float32 scalar ``("losses", "indexer_kl")``.
+
+    The per-query indexer KL [B, T] (`ops.dsa.indexer_kl`) averaged over batch and queries;
+    `jaxmodels.training.auxiliary_loss` (or `indexer_loss`) adds every layer's value to the loss.
+    """
+    module.sow(LOSS_COLLECTION, LOSS_NAME, jnp.mean(kl_BT).astype(jnp.float32) * weight)
+
+
 @dataclasses.dataclass(frozen=True)
 class DSAConfig(MLAConfig):
     """MLA with DeepSeek Sparse Attention (Hugging Face `deepseek_v32` config keys).
@@ -133,13 +152,9 @@ class DSAConfig(MLAConfig):
             f"dsa.decode_form={self.decode_form!r}: DSA attends over the latent cache, use "
             "decode_form='absorbed'",
         )
-        check_choice("dsa", "indexer_stage", self.indexer_stage, STAGES)
+        check_indexer_training("dsa", self.indexer_stage, self.index_loss_weight)
         check_choice(
             "dsa", "sparse_implementation", self.sparse_implementation, dsa_ops.IMPLEMENTATIONS
-        )
-        check(
-            isinstance(self.index_loss_weight, int | float) and self.index_loss_weight >= 0,
-            f"dsa.index_loss_weight={self.index_loss_weight!r} must be a number >= 0",
         )
 
     @property
@@ -331,7 +346,7 @@ class DSAttention(nn.Module):
                 target_BTS = dsa_ops.attention_target(mla_ops.masked_softmax(logits_BNTS, mask_BTS))
                 scores_BTS = dsa_ops.indexer_scores(iq_BTJI, iw_BTJ, ik_BSI, mask_BTS)
                 kl_BT = dsa_ops.indexer_kl(jax.lax.stop_gradient(target_BTS), scores_BTS, mask_BTS)
-                self._sow_loss(jnp.mean(kl_BT))
+                sow_indexer_loss(self, kl_BT, cfg.index_loss_weight)
         else:
             q_latent_BTNC = mla_ops.absorb_query(q_nope_BTNH, w_uk_CNH)
             q_mqa_BTNX = jnp.concatenate([q_latent_BTNC, q_rope_BTNR], axis=-1)
@@ -361,7 +376,7 @@ class DSAttention(nn.Module):
                 kl_BT = dsa_ops.indexer_kl(
                     jax.lax.stop_gradient(aux["target"]), aux["scores"], valid_BTk
                 )
-                self._sow_loss(jnp.mean(kl_BT))
+                sow_indexer_loss(self, kl_BT, cfg.index_loss_weight)
 
         out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "head_dim"))
         y_BTD = dense(
@@ -389,9 +404,6 @@ class DSAttention(nn.Module):
             q_nope, q_rope, c_kv, k_rope, kv_b, mask, scale=scale, qk_nope_head_dim=H
         )
 
-    def _sow_loss(self, kl: jax.Array) -> None:
-        self.sow(LOSS_COLLECTION, LOSS_NAME, kl.astype(jnp.float32) * self.config.index_loss_weight)
-
     def _sow_max_logits(self, max_logits_N: jax.Array) -> None:
         self.sow(
             "attn_stats",
@@ -407,7 +419,7 @@ class DSAttention(nn.Module):
 
 
 def indexer_loss(losses: Any) -> jax.Array:
-    """Sum of every sown ``indexer_kl`` (all DSA layers; scanned stacks summed), float32."""
+    """Sum of every sown ``indexer_kl`` (DSA and V4 CSA layers; scanned stacks summed), float32."""
     total = jnp.zeros((), jnp.float32)
     for path, leaf in jax.tree_util.tree_flatten_with_path(losses)[0]:
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]

@@ -23,6 +23,21 @@ Per-layer ratios are data: V4-Flash's `compress_ratios` [0, 0, 4, 128, 4, 128, .
 
 (`layer_pattern_from_ratios` builds both from such a list.)
 
+Indexer training (CSA): the top-k selection is discrete, so the language-model loss never
+reaches the indexer; it learns from DeepSeek-V3.2's indexer KL (§2.1, `ops.dsa.indexer_kl`),
+sown as ``("losses", "indexer_kl")`` exactly as a DSA layer does (`jaxmodels.attention.dsa`):
+a float32 scalar per CSA layer, the KL averaged over batch and queries times
+`index_loss_weight`, added to the loss by `jaxmodels.training.make_train_step`. Target: the
+main attention's probabilities (window and sink included) at the indexer's entries, summed over
+heads and L1-normalised. `indexer_stage`:
+  * "sparse" (default): top-k attention; KL over the selected entries;
+  * "dense_warmup": every visible compressed entry is attended (no top-k); KL over all of them
+    (the paper then freezes everything but the indexer: `dsa.dsa_freeze(opt, "dense_warmup")`,
+    whose mask covers the `indexer/` parameters of V4 layers too);
+  * "off": top-k attention, no loss.
+The indexer reads a detached x and query latent and the target is stopped, so
+∂L_LM/∂indexer = 0 and ∂L_I/∂(everything else) = 0. Only the full forward (no cache) sows.
+
 Decode cache (`V4Cache`): the window ring buffer (last `sliding_window` keys), and per
 compressor (main, and the CSA indexer's) the compressed entries plus a ring of the raw
 projections of the partial block not yet compressed (and, for the overlapping CSA form, the
@@ -40,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels import registry
+from jaxmodels.attention.dsa import LOSS_COLLECTION, check_indexer_training, sow_indexer_loss
 from jaxmodels.config import (
     AttentionConfig,
     BlockSettings,
@@ -49,6 +65,7 @@ from jaxmodels.config import (
     check_positive,
 )
 from jaxmodels.layers import RMSNorm, dense
+from jaxmodels.ops import dsa as dsa_ops
 from jaxmodels.ops import rope as rope_ops
 from jaxmodels.ops import v4_attention as ops
 from jaxmodels.ops.norms import rms_norm
@@ -75,6 +92,9 @@ class V4Config(AttentionConfig):
       index_n_heads: CSA lightning-indexer heads.
       index_head_dim: CSA lightning-indexer head dim (its compressed keys are this wide).
       index_topk: compressed entries each query keeps (CSA).
+      indexer_stage: "sparse", "dense_warmup" or "off": how the CSA indexer trains (module
+        docstring; the same field as `DSAConfig`'s).
+      index_loss_weight: multiplies the sown indexer KL (CSA).
       rope_theta: RoPE base of window-only layers (no YaRN, as V4).
       compress_rope_theta: RoPE base of compressed layers (every rotation in them: q, window kv,
         entries, indexer).
@@ -101,6 +121,8 @@ class V4Config(AttentionConfig):
     index_n_heads: int = 4
     index_head_dim: int = 32
     index_topk: int = 512
+    indexer_stage: str = "sparse"
+    index_loss_weight: float = 1.0
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
     yarn_factor: float | None = None
@@ -163,6 +185,7 @@ class V4Config(AttentionConfig):
             f"v4.yarn_factor={self.yarn_factor!r} must be None or >= 1",
         )
         check_choice("v4", "implementation", self.implementation, ops.IMPLEMENTATIONS)
+        check_indexer_training("v4", self.indexer_stage, self.index_loss_weight)
 
     @property
     def ratio(self) -> int:
@@ -459,9 +482,13 @@ class V4Attention(nn.Module):
             compressor = V4Compressor(cfg, s, head_dim=H, name="compressor")
             ckv_BTX, cgate_BTX = compressor(x_BTD)
         if cfg.is_csa:
+            # Detached inputs: the indexer learns from its KL only (V3.2 §2.1).
+            x_idx_BTD = jax.lax.stop_gradient(x_BTD)
             indexer = V4Indexer(cfg, s, head_dim=cfg.index_head_dim, name="indexer")
-            ikv_BTX, igate_BTX = indexer(x_BTD)
-            iq_BTnI, iw_BTn = indexer.queries(q_lat_BTC, x_BTD, positions_BT)
+            ikv_BTX, igate_BTX = indexer(x_idx_BTD)
+            iq_BTnI, iw_BTn = indexer.queries(
+                jax.lax.stop_gradient(q_lat_BTC), x_idx_BTD, positions_BT
+            )
 
         cmp_BPH = cmp_end_BP = idx_k_BPI = None
         ring_kv = ring_pos = None
@@ -495,14 +522,21 @@ class V4Attention(nn.Module):
 
         index_inputs = None
         if indexer is not None:
+            dense_warmup = cfg.indexer_stage == "dense_warmup"
             index_inputs = ops.IndexerInputs(
                 q_BTnI=iq_BTnI,
                 w_BTn=iw_BTn,
                 k_BPI=idx_k_BPI.astype(iq_BTnI.dtype),
-                topk=cfg.index_topk,
+                topk=idx_k_BPI.shape[1] if dense_warmup else cfg.index_topk,
                 scale=cfg.index_head_dim**-0.5,
             )
-        o_BTNH = ops.v4_attention(
+        want_loss = (
+            indexer is not None
+            and cache is None
+            and cfg.indexer_stage != "off"
+            and self.is_mutable_collection(LOSS_COLLECTION)
+        )
+        result = ops.v4_attention(
             q_BTNH,
             kv_BTH,
             positions_BT,
@@ -516,7 +550,16 @@ class V4Attention(nn.Module):
             indexer=index_inputs,
             implementation=cfg.implementation,
             query_chunk=cfg.query_chunk,
+            return_aux=want_loss,
         )
+        if want_loss:
+            o_BTNH, aux = result
+            kl_BT = dsa_ops.indexer_kl(
+                jax.lax.stop_gradient(aux["target"]), aux["scores"], aux["indices"] >= 0
+            )
+            sow_indexer_loss(self, kl_BT, cfg.index_loss_weight)
+        else:
+            o_BTNH = result
         o_BTNH = ops.apply_partial_rope(o_BTNH, positions_BT, inv_freq, inverse=True)
         o_BTNH = constrain(o_BTNH, ("batch", "length", "act_heads", "head_dim"))
         z_BTGO = GroupedDense(cfg, s, name="o_a_proj")(o_BTNH)

@@ -20,6 +20,12 @@ One attention layer sees, for query t, the union of
       lightning-indexer score;
   * a learned per-head sink logit (adds exp(sink_n) to the softmax denominator, value 0).
 
+Indexer training (DeepSeek-V3.2 §2.1, as `jaxmodels.ops.dsa`): with `return_aux=True` the
+attention also returns the inputs of the indexer KL over the selected entries (`ops.dsa.indexer_kl`,
+DSA's `dsa_attention` aux layout): the index scores and the target, i.e. the main attention's
+probabilities (window, sink and all) at the selected compressed entries, summed over heads and
+L1-normalised. A dense warm-up selects every visible entry (top-k >= P).
+
 Dimension letters (beyond the project table): P compressed entries, W positions pooled into one
 entry (r, or 2r for the overlapping form), X projected compressor width (H, or 2H overlapping),
 I indexer head dim, n indexer heads (`_BTn`), k selected entries, O o_lora_rank, G o_groups.
@@ -36,7 +42,12 @@ import numpy as np
 from jaxmodels.ops import dsa
 from jaxmodels.ops import rope as rope_ops
 from jaxmodels.ops.attention import attention_reference
-from jaxmodels.ops.block_sparse import banded_attention, masked_attention, merge_attention
+from jaxmodels.ops.block_sparse import (
+    banded_attention,
+    masked_attention,
+    merge_attention,
+    softmax_with_lse,
+)
 
 Array = jax.Array
 IMPLEMENTATIONS = ("reference", "blocked")
@@ -205,7 +216,8 @@ class IndexerInputs:
     """What CSA's top-k selection needs: indexer queries, head weights, compressed keys.
 
     q_BTnI: rotated indexer queries; w_BTn: head weights (× n^-0.5); k_BPI: compressed indexer
-    keys (slot-aligned with the compressed KV entries); topk: `index_topk`; scale: I^-0.5.
+    keys (slot-aligned with the compressed KV entries); topk: `index_topk` (>= P: every visible
+    entry, the dense warm-up); scale: I^-0.5.
     """
 
     q_BTnI: Array
@@ -218,6 +230,28 @@ class IndexerInputs:
 # --------------------------------------------------------------------------------------------
 # Attention over window + compressed entries, with a sink
 # --------------------------------------------------------------------------------------------
+
+
+def _selection_aux(scores_BTP, idx_BTk, valid_BTk, target_BTk):
+    """The indexer-KL inputs in `ops.dsa.dsa_attention`'s aux layout: {"indices": int32 [B,T,k]
+    (-1 = empty slot), "scores": index scores at the slots (-inf where empty), "target"}."""
+    sel_BTk = jnp.take_along_axis(scores_BTP, idx_BTk, axis=-1)
+    return {
+        "indices": jnp.where(valid_BTk, idx_BTk, -1),
+        "scores": jnp.where(valid_BTk, sel_BTk, -jnp.inf),
+        "target": jnp.where(valid_BTk, target_BTk, 0.0),
+    }
+
+
+def _no_entries_aux(B, T):
+    """`_selection_aux` before any compressed entry exists (k = 0)."""
+    empty_BT0 = jnp.zeros((B, T, 0), jnp.float32)
+    return {"indices": empty_BT0.astype(jnp.int32), "scores": empty_BT0, "target": empty_BT0}
+
+
+def _check_aux(return_aux, indexer):
+    if return_aux and indexer is None:
+        raise ValueError("return_aux=True needs the CSA indexer (indexer=IndexerInputs(...))")
 
 
 def window_mask(q_positions_BT: Array, kv_positions_BS: Array, window: int) -> Array:
@@ -245,14 +279,19 @@ def v4_attention_reference(
     cmp_BPH: Array | None = None,
     cmp_end_BP: Array | None = None,
     indexer: IndexerInputs | None = None,
-) -> Array:
+    return_aux: bool = False,
+):
     """The simplest correct form: one softmax (with sink) over every candidate key, [B,T,N,H].
 
     Keys (= values, one shared head) are the concatenation of the cached window `ring_kv`
     (positions `ring_positions`, negative = empty), the new tokens `kv_BTH` (at
     `positions_BT`) and the compressed entries `cmp_BPH` (visible iff `cmp_end <= t`; CSA
     additionally keeps only the indexer's top-k, `indexer`).
+
+    With `return_aux` (CSA only) also returns the indexer-KL inputs (`_selection_aux`): the
+    target is read off the explicit [B, T, N, S] probabilities of this softmax.
     """
+    _check_aux(return_aux, indexer)
     keys, masks = [], []
     if ring_kv_BWH is not None:
         keys.append(ring_kv_BWH.astype(kv_BTH.dtype))
@@ -272,11 +311,25 @@ def v4_attention_reference(
         masks.append(visible)
     kv_BS1H = jnp.concatenate(keys, axis=1)[:, :, None, :]
     mask_BTS = jnp.concatenate(masks, axis=-1)
-    return attention_reference(q_BTNH, kv_BS1H, kv_BS1H, mask_BTS, scale=scale, sink_N=sink_N)
+    out = attention_reference(q_BTNH, kv_BS1H, kv_BS1H, mask_BTS, scale=scale, sink_N=sink_N)
+    if not return_aux:
+        return out
+    P = 0 if cmp_BPH is None else cmp_BPH.shape[1]
+    if not P:
+        return out, _no_entries_aux(*positions_BT.shape)
+    logits_BTNS = jnp.einsum(
+        "BTNH,BSH->BTNS", q_BTNH, kv_BS1H[:, :, 0], preferred_element_type=jnp.float32
+    )
+    probs_BTNS, lse_BTN = softmax_with_lse(logits_BTNS * scale, mask_BTS[:, :, None])
+    probs_BTNS = probs_BTNS * sink_rescale(lse_BTN, sink_N)[..., None]  # the sink's share
+    # the compressed entries are the last P keys; unselected ones already have probability 0
+    target_BTP = dsa.attention_target(probs_BTNS[..., -P:], axis=2)
+    return out, _selection_aux(scores, idx, valid, jnp.take_along_axis(target_BTP, idx, axis=-1))
 
 
 def _gathered_attention(q_BTNH, cmp_BPH, idx_BTk, valid_BTk, *, scale):
-    """Attention over the gathered selected entries only: (out [B,T,N,H] f32, lse [B,T,N])."""
+    """Attention over the gathered selected entries only: (out [B,T,N,H] f32, lse [B,T,N],
+    probs [B,T,N,k] f32)."""
     sel_BTkH = jnp.take_along_axis(cmp_BPH[:, None], idx_BTk[..., None], axis=2)
     logits = jnp.einsum("BTNH,BTkH->BTNk", q_BTNH, sel_BTkH, preferred_element_type=jnp.float32)
     logits = jnp.where(valid_BTk[:, :, None, :], logits * scale, -jnp.inf)
@@ -293,16 +346,24 @@ def _gathered_attention(q_BTNH, cmp_BPH, idx_BTk, valid_BTk, *, scale):
         preferred_element_type=jnp.float32,
     )
     lse = jnp.where(has, top + jnp.log(jnp.where(has, denom, 1.0)), -jnp.inf)[..., 0]
-    return out, lse
+    return out, lse, probs
 
 
-def _compressed_part(q_BTNH, positions_BT, cmp_BPH, cmp_end_BP, indexer, *, scale, chunk):
-    """Compressed branch in query chunks: HCA dense over visible entries, CSA gathers top-k."""
+def _compressed_part(
+    q_BTNH, positions_BT, cmp_BPH, cmp_end_BP, indexer, *, scale, chunk, lse_rest_BTN=None
+):
+    """Compressed branch in query chunks: HCA dense over visible entries, CSA gathers top-k.
+
+    Returns (out [B,T,N,H], lse [B,T,N]), plus the indexer-KL inputs (`_selection_aux`) when
+    `lse_rest_BTN`, the log-sum-exp of every other part (window, sink), is given (CSA): head n
+    puts the share sigmoid(lse_n - lse_rest_n) of its full attention on the selected entries,
+    spread as its softmax over them, so the target needs only the gathered logits.
+    """
     B, T, N, H = q_BTNH.shape
     P = cmp_BPH.shape[1]
     cmp_BPH = cmp_BPH.astype(q_BTNH.dtype)
 
-    def one(q_c, pos_c, iq_c, iw_c):
+    def one(q_c, pos_c, iq_c, iw_c, rest_c):
         visible = entry_visibility(pos_c, cmp_end_BP)
         if indexer is None:
             return masked_attention(
@@ -310,12 +371,17 @@ def _compressed_part(q_BTNH, positions_BT, cmp_BPH, cmp_end_BP, indexer, *, scal
             )
         scores = indexer_scores(iq_c, iw_c, indexer.k_BPI, scale=indexer.scale)
         idx, valid = topk_entries(scores, visible, min(indexer.topk, P))
-        return _gathered_attention(q_c, cmp_BPH, idx, valid, scale=scale)
+        out, lse, probs_BTNk = _gathered_attention(q_c, cmp_BPH, idx, valid, scale=scale)
+        if rest_c is None:
+            return out, lse
+        share_BTN = jax.nn.sigmoid(lse - rest_c)
+        target = dsa.attention_target(probs_BTNk * share_BTN[..., None], axis=2)
+        return out, lse, _selection_aux(scores, idx, valid, target)
 
     iq = None if indexer is None else indexer.q_BTnI
     iw = None if indexer is None else indexer.w_BTn
     if T <= chunk:
-        return one(q_BTNH, positions_BT, iq, iw)
+        return one(q_BTNH, positions_BT, iq, iw, lse_rest_BTN)
     C = -(-T // chunk)
     pad = C * chunk - T
 
@@ -325,12 +391,17 @@ def _compressed_part(q_BTNH, positions_BT, cmp_BPH, cmp_end_BP, indexer, *, scal
         x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
         return jnp.moveaxis(x.reshape((B, C, chunk) + x.shape[2:]), 1, 0)
 
-    out, lse = jax.lax.map(
-        lambda a: one(*a), (split(q_BTNH), split(positions_BT, -1), split(iq), split(iw))
+    def unsplit(x):
+        return jnp.moveaxis(x, 0, 1).reshape((B, C * chunk) + x.shape[3:])[:, :T]
+
+    chunks = (
+        split(q_BTNH),
+        split(positions_BT, -1),
+        split(iq),
+        split(iw),
+        split(lse_rest_BTN),
     )
-    out = jnp.moveaxis(out, 0, 1).reshape(B, C * chunk, N, -1)[:, :T]
-    lse = jnp.moveaxis(lse, 0, 1).reshape(B, C * chunk, N)[:, :T]
-    return out, lse
+    return jax.tree.map(unsplit, jax.lax.map(lambda a: one(*a), chunks))
 
 
 def v4_attention(
@@ -348,8 +419,15 @@ def v4_attention(
     indexer: IndexerInputs | None = None,
     implementation: str = "blocked",
     query_chunk: int = 256,
-) -> Array:
+    return_aux: bool = False,
+):
     """V4 attention core, [B, T, N, H] in q's dtype (arguments as `v4_attention_reference`).
+
+    With `return_aux` (CSA only) returns `(out, aux)`: the indexer-KL inputs in
+    `ops.dsa.dsa_attention`'s layout, {"indices": int32 [B, T, k] (k = min(topk, P), -1 =
+    empty), "scores": index scores at the selected entries [B, T, k] (-inf where empty),
+    "target": the main attention's probabilities at the selected entries, summed over heads and
+    L1-normalised [B, T, k]} (V3.2 §2.1; pass to `ops.dsa.indexer_kl` with the target stopped).
 
     implementation:
       "reference": `v4_attention_reference` (one dense masked softmax, O(T (W + T + P))).
@@ -368,11 +446,13 @@ def v4_attention(
         cmp_BPH=cmp_BPH,
         cmp_end_BP=cmp_end_BP,
         indexer=indexer,
+        return_aux=return_aux,
     )
     if implementation == "reference":
         return v4_attention_reference(q_BTNH, kv_BTH, positions_BT, **kwargs)
     if implementation != "blocked":
         raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
+    _check_aux(return_aux, indexer)
     B, T, N, _ = q_BTNH.shape
     kv_BT1H = kv_BTH[:, :, None, :]
     outs, lses = [], []
@@ -391,17 +471,30 @@ def v4_attention(
         o, lse = masked_attention(q_BTNH, kv_BT1H, kv_BT1H, mask, scale=scale)
     outs.append(o)
     lses.append(lse)
+    # The sink: one more part whose value is 0 and whose log-sum-exp is the sink logit.
+    sink_BTN = jnp.broadcast_to(sink_N.astype(jnp.float32), (B, T, N))
+    selection = []
     if cmp_BPH is not None and cmp_BPH.shape[1]:
-        o, lse = _compressed_part(
-            q_BTNH, positions_BT, cmp_BPH, cmp_end_BP, indexer, scale=scale, chunk=query_chunk
+        lse_rest = jax.nn.logsumexp(jnp.stack(lses + [sink_BTN]), axis=0) if return_aux else None
+        o, lse, *selection = _compressed_part(
+            q_BTNH,
+            positions_BT,
+            cmp_BPH,
+            cmp_end_BP,
+            indexer,
+            scale=scale,
+            chunk=query_chunk,
+            lse_rest_BTN=lse_rest,
         )
         outs.append(o)
         lses.append(lse)
-    # The sink: one more part whose value is 0 and whose log-sum-exp is the sink logit.
     outs.append(jnp.zeros_like(outs[0]))
-    lses.append(jnp.broadcast_to(sink_N.astype(jnp.float32), (B, T, N)))
+    lses.append(sink_BTN)
     out, _ = merge_attention(jnp.stack(outs), jnp.stack(lses))
-    return out.astype(q_BTNH.dtype)
+    out = out.astype(q_BTNH.dtype)
+    if not return_aux:
+        return out
+    return out, selection[0] if selection else _no_entries_aux(B, T)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxmodels.ops import dsa
 from jaxmodels.ops import v4_attention as ops
 from jaxmodels.ops.attention import attention_reference, causal_mask
 from jaxmodels.ops.block_sparse import masked_attention
@@ -108,8 +109,13 @@ def _qkv(T, N=4, H=8, B=2, seed=0):
     return _normal(seed, (B, T, N, H)), _normal(seed + 1, (B, T, H))
 
 
-@functools.partial(jax.jit, static_argnames=("window", "implementation", "topk", "chunk"))
-def _v4(q, kv, pos, sink, cmp, cmp_end, iq, iw, ik, *, window, implementation, topk, chunk=8):
+@functools.partial(
+    jax.jit, static_argnames=("window", "implementation", "topk", "chunk", "return_aux")
+)
+def _v4(
+    q, kv, pos, sink, cmp, cmp_end, iq, iw, ik, *, window, implementation, topk, chunk=8,
+    return_aux=False,
+):  # fmt: skip
     indexer = None if topk is None else ops.IndexerInputs(iq, iw, ik, topk, 0.5)
     return ops.v4_attention(
         q,
@@ -123,6 +129,7 @@ def _v4(q, kv, pos, sink, cmp, cmp_end, iq, iw, ik, *, window, implementation, t
         indexer=indexer,
         implementation=implementation,
         query_chunk=chunk,
+        return_aux=return_aux,
     )
 
 
@@ -318,6 +325,79 @@ def test_compressed_entry_is_invisible_until_its_block_completes():
     )
     changed = np.any(~np.isclose(moved, base, atol=1e-6), axis=(0, 2, 3))
     np.testing.assert_array_equal(changed, np.arange(T) >= 2 * ratio - 1)  # entry 1 ends at t=7
+
+
+# --------------------------------------------------------------------------------------------
+# Indexer training: the KL inputs (DeepSeek-V3.2 §2.1 over compressed entries)
+
+
+@pytest.mark.parametrize("topk", [2, 7])  # 7 = P: every visible entry (the dense warm-up)
+def test_indexer_kl_inputs_blocked_equal_reference(topk):
+    """The blocked form's target (gathered logits weighted by each head's share of its full
+    attention) == the reference's, read off the explicit softmax over window + entries + sink;
+    query chunks of 8 over T = 29."""
+    T, window, ratio = 29, 4, 4
+    q, kv = _qkv(T)
+    pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+    args = (q, kv, pos, _normal(3, (4,))) + _compressed_inputs(T, ratio)
+    ref, ref_aux = _v4(*args, window=window, implementation="reference", topk=topk, return_aux=True)
+    out, aux = _v4(*args, window=window, implementation="blocked", topk=topk, return_aux=True)
+    np.testing.assert_allclose(out, ref, atol=2e-6)
+    np.testing.assert_array_equal(aux["indices"], ref_aux["indices"])
+    np.testing.assert_allclose(aux["scores"], ref_aux["scores"], atol=1e-6)  # -inf where empty
+    np.testing.assert_allclose(aux["target"], ref_aux["target"], atol=1e-6)
+    # k = min(topk, P) slots, filled with min(topk, visible) entries; the target is a
+    # distribution over them (rows without a visible entry are empty)
+    n_visible = np.minimum(topk, (np.arange(T) + 1) // ratio)
+    np.testing.assert_array_equal((aux["indices"] >= 0).sum(-1), np.broadcast_to(n_visible, (2, T)))
+    np.testing.assert_allclose(aux["target"].sum(-1), np.broadcast_to(n_visible > 0, (2, T)), 1e-5)
+    assert np.all(np.isneginf(aux["scores"]) == (aux["indices"] < 0))
+
+
+@pytest.mark.parametrize("implementation", ["reference", "blocked"])
+@pytest.mark.parametrize("topk", [2, 6])
+def test_indexer_kl_is_zero_when_the_indexer_softmax_is_the_attention(implementation, topk):
+    """Constructed: identical heads, one indexer head reading the main query and the entries
+    themselves, all dots positive (ReLU = identity) and w * indexer scale = main scale, so the
+    index scores equal the main logits and softmax(I) over the selection is the target: KL = 0.
+    Doubling the head weight breaks the match."""
+    T, window, ratio, H, N = 24, 4, 4, 8, 4
+    P = T // ratio
+    offset = np.zeros(H, np.float32)
+    offset[-1] = 4.0  # q . e = 16 + N(0, 7): positive
+    q_BTH = _normal(0, (2, T, H)) * (offset == 0) + offset
+    cmp = _normal(1, (2, P, H)) * (offset == 0) + offset
+    assert float(jnp.min(jnp.einsum("BTH,BPH->BTP", q_BTH, cmp))) > 0
+    q = jnp.broadcast_to(q_BTH[:, :, None], (2, T, N, H))
+    end = jnp.broadcast_to((jnp.arange(P) + 1) * ratio - 1, (2, P))
+    pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+    iq, iw = q_BTH[:, :, None], jnp.full((2, T, 1), 0.3 / 0.5)  # _v4: main 0.3, indexer 0.5
+    kls = []
+    for w in (iw, 2 * iw):
+        _, aux = _v4(
+            q, _normal(2, (2, T, H)), pos, _normal(3, (N,)), cmp, end, iq, w, cmp,
+            window=window, implementation=implementation, topk=topk, return_aux=True,
+        )  # fmt: skip
+        kls.append(dsa.indexer_kl(aux["target"], aux["scores"], aux["indices"] >= 0))
+    np.testing.assert_allclose(kls[0], 0.0, atol=1e-6)
+    assert float(jnp.mean(kls[1])) > 1e-2
+
+
+@pytest.mark.parametrize("implementation", ["reference", "blocked"])
+def test_indexer_kl_inputs_before_the_first_entry_and_without_an_indexer(implementation):
+    T = 3  # < ratio: no complete entry, no slot, KL 0
+    q, kv = _qkv(T)
+    pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+    args = (q, kv, pos, _normal(3, (4,))) + _compressed_inputs(T, 4)
+    _, aux = _v4(*args, window=4, implementation=implementation, topk=2, return_aux=True)
+    assert {k: v.shape for k, v in aux.items()} == dict.fromkeys(aux, (2, T, 0))
+    kl = dsa.indexer_kl(aux["target"], aux["scores"], aux["indices"] >= 0)
+    np.testing.assert_array_equal(kl, np.zeros((2, T)))
+    with pytest.raises(ValueError, match="return_aux=True needs the CSA indexer"):
+        ops.v4_attention(
+            q, kv, pos, window=4, sink_N=jnp.zeros(4), scale=0.3, return_aux=True,
+            implementation=implementation,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
