@@ -3,6 +3,7 @@
 from jaxmodels.attention import (
     dsa,  # noqa: F401
     gqa,  # noqa: F401
+    kda,  # noqa: F401
     mla,  # noqa: F401
     moba,  # noqa: F401
     nsa,  # noqa: F401

@@ -26,13 +26,12 @@ product as it was, so a model imported with either layout computes the same func
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels.attention.mla import MLAConfig
 from jaxmodels.config import ModelConfig, RopeConfig
 from jaxmodels.ops.rope import interleaved_to_half_permutation
+from jaxmodels.weights.placement import copy_dicts, layer_path, place_tree
 
 HF_LAYER_PREFIX = "model.layers.{}.self_attn."
 _UNSUPPORTED_BIASES = (
@@ -240,20 +239,6 @@ def mla_params_to_hf(
     return {prefix + k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def _layer_location(config: ModelConfig, layer: int) -> tuple[tuple[str, ...], int | None]:
-    """(path of the layer's attention module under "params", scan index or None)."""
-    from jaxmodels.model import group_sizes
-
-    pattern = len(config.layer_pattern)
-    num_groups, _ = group_sizes(config)
-    group, position = divmod(layer, pattern)
-    if group >= num_groups:
-        return ("tail", f"layer_{position}", "attention"), None
-    if config.scan_layers:
-        return ("layers", f"layer_{position}", "attention"), group
-    return (f"group_{group}", f"layer_{position}", "attention"), None
-
-
 def load_mla_layers(
     params: Mapping[str, Any],
     state_dict: Mapping[str, Any],
@@ -277,41 +262,16 @@ def load_mla_layers(
       with the same sharding. Other parameters (embeddings, norms, MLPs) are left as they are.
     """
     new = dict(params)
-    new["params"] = _copy_dicts(params["params"])
+    new["params"] = copy_dicts(params["params"])
     for layer, attention in enumerate(config.layer_attention):
         if not isinstance(attention, MLAConfig):
             continue
-        path, index = _layer_location(config, layer)
-        node = new["params"]
-        for key in path:
-            node = node[key]
+        path, index = layer_path(config, layer)
         imported = mla_params_from_hf(
             state_dict,
             attention,
             prefix=layer_prefix.format(layer),
             rope_interleave=rope_interleave,
         )
-        for name, leaves in imported.items():
-            if name not in node:
-                raise KeyError(f"parameters have no {'/'.join(path + (name,))}")
-            for leaf, value in leaves.items():
-                old = node[name][leaf]
-                target = old if index is None else old[index]
-                if tuple(target.shape) != value.shape:
-                    raise ValueError(
-                        f"{'/'.join(path + (name, leaf))}: checkpoint shape {value.shape} != "
-                        f"parameter shape {tuple(target.shape)}"
-                    )
-                value = jnp.asarray(value, old.dtype)
-                if index is not None:
-                    value = jnp.asarray(old).at[index].set(value)
-                if isinstance(old, jax.Array):
-                    value = jax.device_put(value, old.sharding)
-                node[name][leaf] = value
+        place_tree(new["params"], path + ("attention",), index, imported)
     return new
-
-
-def _copy_dicts(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _copy_dicts(v) for k, v in tree.items()}
-    return tree

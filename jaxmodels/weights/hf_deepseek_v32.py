@@ -21,8 +21,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels.attention.dsa import DSAConfig
@@ -30,13 +28,13 @@ from jaxmodels.config import ModelConfig
 from jaxmodels.weights.hf_deepseek import (
     HF_LAYER_PREFIX,
     _get,
-    _layer_location,
     _to_numpy,
     load_mla_layers,
     mla_config_from_hf,
     mla_params_from_hf,
     mla_params_to_hf,
 )
+from jaxmodels.weights.placement import layer_path, place_tree
 
 
 def dsa_config_from_hf(hf_config: Any, **overrides: Any) -> DSAConfig:
@@ -153,28 +151,7 @@ def load_dsa_layers(
     for layer, attention in enumerate(config.layer_attention):
         if not isinstance(attention, DSAConfig):
             continue
-        path, index = _layer_location(config, layer)
-        node = new["params"]
-        for key in path:
-            node = node[key]
-        if "indexer" not in node:
-            raise KeyError(f"parameters have no {'/'.join(path + ('indexer',))}")
+        path, index = layer_path(config, layer)
         imported = indexer_params_from_hf(state_dict, attention, prefix=layer_prefix.format(layer))
-        indexer = node["indexer"]
-        for name, leaves in imported.items():
-            for leaf, value in leaves.items():
-                old = indexer[name][leaf]
-                target = old if index is None else old[index]
-                if tuple(target.shape) != value.shape:
-                    where = "/".join(path + ("indexer", name, leaf))
-                    raise ValueError(
-                        f"{where}: checkpoint shape {value.shape} != parameter shape "
-                        f"{tuple(target.shape)}"
-                    )
-                value = jnp.asarray(value, old.dtype)
-                if index is not None:
-                    value = jnp.asarray(old).at[index].set(value)
-                if isinstance(old, jax.Array):
-                    value = jax.device_put(value, old.sharding)
-                indexer[name][leaf] = value
+        place_tree(new["params"], path + ("attention", "indexer"), index, imported)
     return new

@@ -37,13 +37,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels.config import ConfigError, ModelConfig
 from jaxmodels.ops.hyper_connections import mhc_num_mixes
 from jaxmodels.residual.mhc import MHCConfig
+from jaxmodels.weights.placement import copy_dicts, layer_path, set_leaf
 
 # original DeepSeek-V4 checkpoint name -> transformers name (transformers conversion_mapping)
 _RENAMES = (
@@ -94,19 +93,6 @@ def _check_config(config: ModelConfig) -> MHCConfig:
     return residual
 
 
-def _layer_path(config: ModelConfig, layer: int) -> tuple[tuple[str, ...], int | None]:
-    """(path of decoder layer ``layer`` under "params", scan index or None)."""
-    from jaxmodels.model import group_sizes
-
-    num_groups, _ = group_sizes(config)
-    group, position = divmod(layer, len(config.layer_pattern))
-    if group >= num_groups:
-        return ("tail", f"layer_{position}"), None
-    if config.scan_layers:
-        return ("layers", f"layer_{position}"), group
-    return (f"group_{group}", f"layer_{position}"), None
-
-
 def hc_params_from_hf(
     state_dict: Mapping[str, Any], config: ModelConfig, *, include_norms: bool = True
 ) -> dict[tuple[tuple[str, ...], int | None], np.ndarray]:
@@ -135,7 +121,7 @@ def hc_params_from_hf(
 
     out = {}
     for layer in range(config.num_layers):
-        path, index = _layer_path(config, layer)
+        path, index = layer_path(config, layer)
         for hf, ours in _SUBLAYERS:
             prefix = f"layers.{layer}.{hf}."
             out[(path + (ours, "fn"), index)] = get(prefix + "fn", (k, m * d)).T
@@ -180,26 +166,9 @@ def load_hc_weights(
     """
     imported = hc_params_from_hf(state_dict, config, include_norms=include_norms)
     new = dict(params)
-    new["params"] = _copy_dicts(params["params"])
+    new["params"] = copy_dicts(params["params"])
     for (path, index), value in imported.items():
-        node = new["params"]
-        for key in path[:-1]:
-            if key not in node:
-                raise KeyError(f"parameters have no {'/'.join(path)} (is config the model's?)")
-            node = node[key]
-        old = node[path[-1]]
-        target_shape = tuple(old.shape) if index is None else tuple(old.shape[1:])
-        if target_shape != value.shape:
-            raise ValueError(
-                f"{'/'.join(path)}: checkpoint shape {value.shape} != parameter shape "
-                f"{target_shape}"
-            )
-        value = jnp.asarray(value, old.dtype)
-        if index is not None:
-            value = jnp.asarray(old).at[index].set(value)
-        if isinstance(old, jax.Array):
-            value = jax.device_put(value, old.sharding)
-        node[path[-1]] = value
+        set_leaf(new["params"], path, index, value)
     return new
 
 
@@ -220,7 +189,7 @@ def hc_params_to_hf(
 
     out = {}
     for layer in range(config.num_layers):
-        path, index = _layer_path(config, layer)
+        path, index = layer_path(config, layer)
         for hf, ours in _SUBLAYERS:
             prefix = f"layers.{layer}.{hf}."
             out[prefix + "fn"] = get(path + (ours, "fn"), index).T
@@ -235,9 +204,3 @@ def hc_params_to_hf(
     if include_norms:
         out["norm.weight"] = get(("final_norm", "scale"), None)
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def _copy_dicts(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _copy_dicts(v) for k, v in tree.items()}
-    return tree
