@@ -16,7 +16,9 @@ Dimensions (`/work/shared/reference/attention.md` §1.3, §2.4; Hugging Face con
     o_lora 1024, window 128, compress_ratios [0, 0, 4, 128, ..., 4] (2 window, 21 CSA, 20 HCA),
     indexer 64 x 128 top-512, compress rope theta 160000 + YaRN 16 (original 65536), mHC
     hc_mult 4 with 20 Sinkhorn iterations, vocab 129280; FFN 7 x 2048 = 14336 (top-6 + 1 shared).
-Kimi-Linear-48B (3 KDA : 1 MLA) is registered only when the `kda` attention kind exists.
+  kimi-linear-48b-attn: 27 layers at d 2304, MLA at 1-indexed layers 4, 8, ..., 24, 27 (the
+    other 20 are KDA, 32 heads x 128, conv 4); MLA 32 heads, no q-LoRA, kv_lora 512, nope 128,
+    rope dims 64 unrotated (NoPE), v 128; vocab 163840; FFN 9 x 1024 = 9216 (top-8 + 1 shared).
 
 All use bf16 activations, fp32 parameters (the optimizer's master copy), full remat, and a
 scanned layer stack where the pattern allows it (one compiled body: fast compilation).
@@ -27,6 +29,7 @@ from __future__ import annotations
 from experiments.config import OptimizerConfig, RunConfig, TrainConfig
 from experiments.data import DataConfig
 from experiments.presets import register_preset
+from jaxmodels.attention.kda import KDAConfig
 from jaxmodels.attention.mla import MLAConfig
 from jaxmodels.attention.v4 import V4Config, layer_pattern_from_ratios
 from jaxmodels.config import ModelConfig, RopeConfig
@@ -138,6 +141,35 @@ def deepseek_v4_flash_attn() -> RunConfig:
     return _run(model)
 
 
+def kimi_linear_48b_attn() -> RunConfig:
+    """Kimi-Linear-48B-A3B: 20 KDA + 7 NoPE MLA layers at d=2304, dense FFN; shape only."""
+    mla = MLAConfig(
+        num_heads=32,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        use_nope=True,
+    )
+    kda = KDAConfig(num_heads=32, head_dim=128, conv_kernel_size=4)
+    full_attention = {4, 8, 12, 16, 20, 24, 27}  # 1-indexed (HF `full_attn_layers`)
+    pattern = tuple("mla" if i in full_attention else "kda" for i in range(1, 28))
+    model = ModelConfig(
+        vocab_size=163840,
+        hidden_size=2304,
+        intermediate_size=9 * 1024,
+        num_layers=len(pattern),
+        layer_pattern=pattern,
+        attention={"kda": kda, "mla": mla},
+        dtype="bfloat16",
+        param_dtype="float32",
+        scan_layers=False,
+        remat="full",
+    )
+    return _run(model)
+
+
 register_preset("deepseek-v3-attn", deepseek_v3_attn)
 NOTES["deepseek-v3-attn"] = [
     _DENSE.format(f=18432, k=8, s=1, m=2048, e=256),
@@ -145,6 +177,11 @@ NOTES["deepseek-v3-attn"] = [
 ]
 register_preset("kimi-k2-attn", kimi_k2_attn)
 NOTES["kimi-k2-attn"] = [_DENSE.format(f=18432, k=8, s=1, m=2048, e=384)]
+register_preset("kimi-linear-48b-attn", kimi_linear_48b_attn)
+NOTES["kimi-linear-48b-attn"] = [
+    _DENSE.format(f=9216, k=8, s=1, m=1024, e=256),
+    "the first layer's dense FFN is modelled at the same width",
+]
 
 register_preset("deepseek-v4-flash-attn", deepseek_v4_flash_attn)
 NOTES["deepseek-v4-flash-attn"] = [
