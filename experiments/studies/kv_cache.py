@@ -123,7 +123,7 @@ def plot(rows: list[dict], path: str) -> None:
     names = list(dict.fromkeys(r["architecture"] for r in rows))
     contexts = sorted({r["context"] for r in rows})
     value = {(r["architecture"], r["context"]): r["bytes_per_token"] for r in rows}
-    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 5.6), dpi=110)
     width = 0.8 / len(contexts)
     for j, context in enumerate(contexts):
         xs = [i + (j - (len(contexts) - 1) / 2) * width for i in range(len(names))]
@@ -131,7 +131,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.bar(xs, [value[(n, context)] for n in names], width, label=f"context {label}")
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([n.replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=7)
     ax.set_ylabel("decode cache, bytes per token (bf16)")
     ax.set_title("Decode cache per token of context, whole layer stack")
     ax.grid(axis="y", alpha=0.3)
