@@ -38,10 +38,10 @@ def _hf():
 
 @functools.cache
 def _hf_attention(topk: int, yarn: bool, seed: int = 0):
+    hf = _hf()  # skips when torch / transformers are missing
     import torch
     from transformers import DeepseekV32Config
 
-    hf = _hf()
     config = DeepseekV32Config(
         hidden_size=D, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24,
         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
