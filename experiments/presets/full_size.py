@@ -30,9 +30,9 @@ from experiments.config import OptimizerConfig, RunConfig, TrainConfig
 from experiments.data import DataConfig
 from experiments.presets import register_preset
 from jaxmodels.attention.kda import KDAConfig
-from jaxmodels.attention.mla import MLAConfig
+from jaxmodels.attention.mla import REFERENCE_CONFIGS, MLAConfig
 from jaxmodels.attention.v4 import V4Config, layer_pattern_from_ratios
-from jaxmodels.config import ModelConfig, RopeConfig
+from jaxmodels.config import ModelConfig
 from jaxmodels.residual.mhc import MHCConfig
 
 _DENSE = "dense FFN of the activated width {f} ({k} routed + {s} shared experts x {m}) replaces "
@@ -49,18 +49,7 @@ def _run(model: ModelConfig, seq: int = 4096, batch: int = 256) -> RunConfig:
     )
 
 
-def _mla_stack(
-    *, heads: int, vocab: int, rope: RopeConfig, layers: int = 61, ffn: int = 18432
-) -> ModelConfig:
-    mla = MLAConfig(
-        num_heads=heads,
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        rope=rope,
-    )
+def _mla_stack(mla: MLAConfig, *, vocab: int, layers: int = 61, ffn: int = 18432) -> ModelConfig:
     return ModelConfig(
         vocab_size=vocab,
         hidden_size=7168,
@@ -77,30 +66,12 @@ def _mla_stack(
 
 def deepseek_v3_attn() -> RunConfig:
     """DeepSeek-V3 attention stack: 61 MLA layers at d=7168, dense FFN (no MoE); shape only."""
-    rope = RopeConfig(
-        theta=10000.0,
-        layout="interleaved",
-        yarn_factor=40.0,
-        original_max_position_embeddings=4096,
-        beta_fast=32.0,
-        beta_slow=1.0,
-        mscale=1.0,
-        mscale_all_dim=1.0,
-    )
-    return _run(_mla_stack(heads=128, vocab=129280, rope=rope))
+    return _run(_mla_stack(REFERENCE_CONFIGS["deepseek-v3"], vocab=129280))
 
 
 def kimi_k2_attn() -> RunConfig:
     """Kimi K2 attention stack: 61 MLA layers, 64 heads, vocab 163840, dense FFN; shape only."""
-    rope = RopeConfig(
-        theta=50000.0,
-        layout="interleaved",
-        yarn_factor=32.0,
-        original_max_position_embeddings=4096,
-        beta_fast=1.0,
-        beta_slow=1.0,
-    )
-    return _run(_mla_stack(heads=64, vocab=163840, rope=rope))
+    return _run(_mla_stack(REFERENCE_CONFIGS["kimi-k2"], vocab=163840))
 
 
 def deepseek_v4_flash_attn() -> RunConfig:
@@ -143,15 +114,7 @@ def deepseek_v4_flash_attn() -> RunConfig:
 
 def kimi_linear_48b_attn() -> RunConfig:
     """Kimi-Linear-48B-A3B: 20 KDA + 7 NoPE MLA layers at d=2304, dense FFN; shape only."""
-    mla = MLAConfig(
-        num_heads=32,
-        q_lora_rank=None,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        use_nope=True,
-    )
+    mla = REFERENCE_CONFIGS["kimi-linear"]
     kda = KDAConfig(num_heads=32, head_dim=128, conv_kernel_size=4)
     full_attention = {4, 8, 12, 16, 20, 24, 27}  # 1-indexed (HF `full_attn_layers`)
     pattern = tuple("mla" if i in full_attention else "kda" for i in range(1, 28))
