@@ -52,21 +52,19 @@ import optax
 from jaxmodels import registry
 from jaxmodels.attention.gqa import cache_mask, write_cache
 from jaxmodels.attention.mla import (
-    LATENT_NORM_EPS,
-    Kernel,
     MLAConfig,
     MLALatentCache,
     MLAttention,
+    mla_projections,
     mla_softmax_scale,
     rope_frequencies,
 )
 from jaxmodels.config import BlockSettings, check, check_choice, check_positive
-from jaxmodels.layers import RMSNorm, dense
+from jaxmodels.layers import dense
 from jaxmodels.ops import attention as attention_ops
 from jaxmodels.ops import dsa as dsa_ops
 from jaxmodels.ops import mla as mla_ops
 from jaxmodels.ops import norms
-from jaxmodels.ops import rope as rope_ops
 from sharding.rules import constrain
 
 STAGES = ("dense_warmup", "sparse", "off")
@@ -263,7 +261,7 @@ class DSAttention(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, positions_BT, cache: DSACache | None = None):
         cfg, s = self.config, self.settings
-        N, H, R, C = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        H, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
         B, T = x_BTD.shape[:2]
         if cache is not None and not isinstance(cache, DSACache):
             raise TypeError(
@@ -272,27 +270,10 @@ class DSAttention(nn.Module):
             )
 
         # MLA projections: the same modules and names as `MLAttention` (q-LoRA is required).
-        c_q_BTQ = dense(cfg.q_lora_rank, ("embed", "q_lora"), s, name="q_a_proj")(x_BTD)
-        c_q_BTQ = RMSNorm(
-            eps=LATENT_NORM_EPS, param_dtype=s.param_dtype, axis_name="q_lora", name="q_a_norm"
-        )(c_q_BTQ)
-        q_BTNX = dense((N, H + R), ("q_lora", "heads", "head_dim"), s, name="q_b_proj")(c_q_BTQ)
-        q_BTNX = constrain(q_BTNX, ("batch", "length", "act_heads", "head_dim"))
-        q_nope_BTNH, q_rope_BTNR = q_BTNX[..., :H], q_BTNX[..., H:]
-        kv_a_BTX = dense(C + R, ("embed", "kv_lora"), s, name="kv_a_proj")(x_BTD)
-        c_kv_BTC = RMSNorm(
-            eps=LATENT_NORM_EPS, param_dtype=s.param_dtype, axis_name="kv_lora", name="kv_a_norm"
-        )(kv_a_BTX[..., :C])
-        k_rope_BTR = kv_a_BTX[..., C:]
-        if not cfg.use_nope:
-            inv_freq, rope_scaling = rope_frequencies(cfg)
-            rotate = dict(layout=cfg.rope.layout, attention_scaling=rope_scaling)
-            q_rope_BTNR = rope_ops.apply_rope(q_rope_BTNR, positions_BT, inv_freq, **rotate)
-            k_rope_BTR = rope_ops.apply_rope(k_rope_BTR, positions_BT, inv_freq, **rotate)
+        c_q_BTQ, q_nope_BTNH, q_rope_BTNR, c_kv_BTC, k_rope_BTR, kv_b_CNX = mla_projections(
+            cfg, s, x_BTD, positions_BT
+        )
         scale = mla_softmax_scale(cfg)
-        kv_b_CNX = Kernel(
-            (C, N, H + cfg.v_head_dim), ("kv_lora", "heads", "head_dim"), s, name="kv_b_proj"
-        )()
         w_uk_CNH, w_uv_CNH = mla_ops.split_kv_b(kv_b_CNX, H)
 
         # The lightning indexer, on detached inputs (V3.2 §2.1: it learns from L_I only).

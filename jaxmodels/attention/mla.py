@@ -33,7 +33,7 @@ Caches (`decode_form`):
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -264,6 +264,61 @@ class Kernel(nn.Module):
         return jnp.asarray(kernel, self.settings.dtype)
 
 
+class MLAProjections(NamedTuple):
+    """What `mla_projections` returns (shapes as its docstring)."""
+
+    c_q_BTQ: jax.Array | None
+    q_nope_BTNH: jax.Array
+    q_rope_BTNR: jax.Array
+    c_kv_BTC: jax.Array
+    k_rope_BTR: jax.Array
+    kv_b_CNX: jax.Array
+
+
+def mla_projections(
+    cfg: MLAConfig, s: BlockSettings, x_BTD: jax.Array, positions_BT: jax.Array
+) -> MLAProjections:
+    """MLA's projections (DeepSeek-V2 §2.1, eqs. 37-44), as submodules of the calling compact
+    module (`MLAttention`, and `DSAttention`, which shares MLA's parameter names).
+
+    Queries through the q-LoRA latent (`q_a_proj`, `q_a_norm`, `q_b_proj`) or directly
+    (`q_proj`); the joint KV latent and the shared rope key (`kv_a_proj`, `kv_a_norm`); RoPE on
+    the rope parts unless `use_nope`; the up-projection kernel `kv_b_proj` [C, N, H + Hv].
+
+    Returns:
+      c_q [B, T, Cq] (the normed query latent; None without q-LoRA), q_nope [B, T, N, H],
+      q_rope [B, T, N, R], c_kv [B, T, C], k_rope [B, T, R], kv_b [C, N, H + Hv].
+    """
+    N, H, R, C = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    c_q_BTQ = None
+    if cfg.has_q_lora:
+        c_q_BTQ = dense(cfg.q_lora_rank, ("embed", "q_lora"), s, name="q_a_proj")(x_BTD)
+        c_q_BTQ = RMSNorm(
+            eps=LATENT_NORM_EPS, param_dtype=s.param_dtype, axis_name="q_lora", name="q_a_norm"
+        )(c_q_BTQ)
+        q_BTNX = dense((N, H + R), ("q_lora", "heads", "head_dim"), s, name="q_b_proj")(c_q_BTQ)
+    else:
+        q_BTNX = dense((N, H + R), ("embed", "heads", "head_dim"), s, name="q_proj")(x_BTD)
+    q_BTNX = constrain(q_BTNX, ("batch", "length", "act_heads", "head_dim"))
+    q_nope_BTNH, q_rope_BTNR = q_BTNX[..., :H], q_BTNX[..., H:]
+
+    # Joint KV latent and the shared rope key, both from x.
+    kv_a_BTX = dense(C + R, ("embed", "kv_lora"), s, name="kv_a_proj")(x_BTD)
+    c_kv_BTC = RMSNorm(
+        eps=LATENT_NORM_EPS, param_dtype=s.param_dtype, axis_name="kv_lora", name="kv_a_norm"
+    )(kv_a_BTX[..., :C])
+    k_rope_BTR = kv_a_BTX[..., C:]
+    if not cfg.use_nope:
+        inv_freq, rope_scaling = rope_frequencies(cfg)
+        rotate = dict(layout=cfg.rope.layout, attention_scaling=rope_scaling)
+        q_rope_BTNR = rope_ops.apply_rope(q_rope_BTNR, positions_BT, inv_freq, **rotate)
+        k_rope_BTR = rope_ops.apply_rope(k_rope_BTR, positions_BT, inv_freq, **rotate)
+    kv_b_CNX = Kernel(
+        (C, N, H + cfg.v_head_dim), ("kv_lora", "heads", "head_dim"), s, name="kv_b_proj"
+    )()
+    return MLAProjections(c_q_BTQ, q_nope_BTNH, q_rope_BTNR, c_kv_BTC, k_rope_BTR, kv_b_CNX)
+
+
 class MLAttention(nn.Module):
     """MLA layer: `(x_BTD, positions_BT, cache) -> (y_BTD, cache)` (see `registry`)."""
 
@@ -300,7 +355,7 @@ class MLAttention(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, positions_BT, cache: MLALatentCache | MLAHeadCache | None = None):
         cfg, s = self.config, self.settings
-        N, H, R, C = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        H = cfg.qk_nope_head_dim
         T = x_BTD.shape[1]
         expected = MLALatentCache if cfg.decode_form == "absorbed" else MLAHeadCache
         if cache is not None and not isinstance(cache, expected):
@@ -309,36 +364,10 @@ class MLAttention(nn.Module):
                 f"{type(cache).__name__}; build caches with init_cache of the same config"
             )
 
-        # Queries: [B, T, N, H + R], rope part last.
-        if cfg.has_q_lora:
-            c_q_BTQ = dense(cfg.q_lora_rank, ("embed", "q_lora"), s, name="q_a_proj")(x_BTD)
-            c_q_BTQ = RMSNorm(
-                eps=LATENT_NORM_EPS,
-                param_dtype=s.param_dtype,
-                axis_name="q_lora",
-                name="q_a_norm",
-            )(c_q_BTQ)
-            q_BTNX = dense((N, H + R), ("q_lora", "heads", "head_dim"), s, name="q_b_proj")(c_q_BTQ)
-        else:
-            q_BTNX = dense((N, H + R), ("embed", "heads", "head_dim"), s, name="q_proj")(x_BTD)
-        q_BTNX = constrain(q_BTNX, ("batch", "length", "act_heads", "head_dim"))
-        q_nope_BTNH, q_rope_BTNR = q_BTNX[..., :H], q_BTNX[..., H:]
-
-        # Joint KV latent and the shared rope key, both from x.
-        kv_a_BTX = dense(C + R, ("embed", "kv_lora"), s, name="kv_a_proj")(x_BTD)
-        c_kv_BTC = RMSNorm(
-            eps=LATENT_NORM_EPS, param_dtype=s.param_dtype, axis_name="kv_lora", name="kv_a_norm"
-        )(kv_a_BTX[..., :C])
-        k_rope_BTR = kv_a_BTX[..., C:]
-        if not cfg.use_nope:
-            inv_freq, rope_scaling = rope_frequencies(cfg)
-            rotate = dict(layout=cfg.rope.layout, attention_scaling=rope_scaling)
-            q_rope_BTNR = rope_ops.apply_rope(q_rope_BTNR, positions_BT, inv_freq, **rotate)
-            k_rope_BTR = rope_ops.apply_rope(k_rope_BTR, positions_BT, inv_freq, **rotate)
+        c_q_BTQ, q_nope_BTNH, q_rope_BTNR, c_kv_BTC, k_rope_BTR, kv_b_CNX = mla_projections(
+            cfg, s, x_BTD, positions_BT
+        )
         scale = mla_softmax_scale(cfg)
-        kv_b_CNX = Kernel(
-            (C, N, H + cfg.v_head_dim), ("kv_lora", "heads", "head_dim"), s, name="kv_b_proj"
-        )()
 
         if cache is None:
             mask_BTS = attention_ops.causal_mask(positions_BT, positions_BT)
