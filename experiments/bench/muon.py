@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import optimizers
+from experiments.bench.timing import time_interleaved
 
 
 def make_params(key, layers: int, d: int, f: int, stacked: bool, dtype) -> dict:
@@ -51,23 +50,6 @@ def make_params(key, layers: int, d: int, f: int, stacked: bool, dtype) -> dict:
         }
         for i in range(layers)
     }
-
-
-def time_interleaved(fns: dict, args: dict, *, runs: int = 5, budget_s: float = 20.0) -> dict:
-    """Median wall time (ms) of each jitted function, runs interleaved so that load from other
-    processes hits every contender alike; one warm-up (compile) call each first."""
-    for name, fn in fns.items():
-        jax.block_until_ready(fn(*args[name]))
-    times = {name: [] for name in fns}
-    start = time.perf_counter()
-    for i in range(runs):
-        if i >= 3 and time.perf_counter() - start > budget_s:
-            break
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args[name]))
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def optimizers_under_test(stacked: bool, ns_dtype: str | None, lr: float = 0.02):
@@ -104,7 +86,7 @@ def run(layers, d, f, stacked, dtype, ns_dtype) -> dict:
     for name, tx in optimizers_under_test(stacked, ns_dtype).items():
         fns[name] = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p))
         args[name] = (grads, tx.init(params), params)
-    for name, ms in time_interleaved(fns, args).items():
+    for name, ms in time_interleaved(fns, args, runs=5, budget_s=20.0).items():
         row[f"{name}_ms"] = round(ms, 3)
     # Same settings => same numbers: largest difference relative to the update's max.
     ours, _ = fns["ours"](*args["ours"])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 
 import flax.linen as nn
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.bench.timing import time_interleaved
 from jaxmodels import training
 from jaxmodels.config import ModelConfig
 from jaxmodels.model import Decoder
@@ -68,23 +68,6 @@ def build(config: ModelConfig, batch_size: int, seq_len: int):
     step = jax.jit(training.make_train_step(config, optimizer))
     compiled = step.lower(state, batch).compile()
     return compiled, state, batch
-
-
-def time_interleaved(fns: dict, args: dict, *, runs: int, budget_s: float) -> dict[str, float]:
-    """Median wall time (ms) per function, runs interleaved so that load from other processes
-    hits every contender alike; one warm-up call each first."""
-    for name, fn in fns.items():
-        jax.block_until_ready(fn(*args[name]))
-    times = {name: [] for name in fns}
-    start = time.perf_counter()
-    for i in range(runs):
-        if i >= 3 and time.perf_counter() - start > budget_s:
-            break
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args[name]))
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def run(
