@@ -127,8 +127,8 @@ def make_train_step(
             "loss": loss,
             "aux_loss": aux_loss,
             "tokens": count,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
         }
         if track_max_logits:
             metrics["max_logit"] = jnp.max(

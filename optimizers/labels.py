@@ -16,7 +16,7 @@ follow the naming conventions of this library's Linen models:
 
 What gets AdamW (KellerJordan/Muon README; Moonlight arXiv 2502.16982; DeepSeek-V4 §2.4):
 embeddings, the output head, norm gains, biases, gates and other 1-D tensors, mHC/HC
-parameters, and any tensor whose layout the rules do not understand (with a warning). Every
+parameters, depthwise convolution filters (modules whose name contains ``conv``), and any tensor whose layout the rules do not understand (with a warning). Every
 other matrix gets Muon.
 
 `MuonDimensionNumbers` says which axes of a leaf are the matrix's input (reduction) axes and
@@ -108,7 +108,9 @@ class MuonRules:
         instead of as one fused [D, N·H] / [N·H, D] matrix.
       adam_leaf_names: leaf names always given to AdamW (norm gains, biases, embeddings).
       adam_module_names: module names (exact) whose whole subtree gets AdamW.
-      adam_module_substrings: a module whose name contains one of these gets AdamW (HC/mHC).
+      adam_module_substrings: a module whose name contains one of these gets AdamW (HC/mHC,
+        and depthwise short convolutions such as KDA's ``q_conv1d``: one filter per channel,
+        not a matrix).
       stack_module_names: modules that stack their subtree on a leading axis (``nn.scan``);
         each occurrence in a path adds one leading batch axis.
       expert_module_substrings: a module whose name contains one of these holds expert stacks:
@@ -123,7 +125,7 @@ class MuonRules:
     per_head: bool = False
     adam_leaf_names: tuple[str, ...] = ("embedding", "scale", "bias")
     adam_module_names: tuple[str, ...] = ("embed", "lm_head")
-    adam_module_substrings: tuple[str, ...] = ("hc", "residual")
+    adam_module_substrings: tuple[str, ...] = ("hc", "residual", "conv")
     stack_module_names: tuple[str, ...] = ("layers",)
     expert_module_substrings: tuple[str, ...] = ("expert",)
     in_proj_names: tuple[str, ...] = (

@@ -54,9 +54,14 @@ def residual_variants(unrolled_sinkhorn: bool = False) -> dict[str, object]:
     return rows
 
 
-def build(config: ModelConfig, batch_size: int, seq_len: int):
-    """(compiled train step, state, batch) for `config`."""
-    optimizer = optax.adamw(1e-3)
+def build(
+    config: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    optimizer: optax.GradientTransformation | None = None,
+):
+    """(compiled train step, state, batch) for `config`, with AdamW unless `optimizer` is given."""
+    optimizer = optax.adamw(1e-3) if optimizer is None else optimizer
     model = Decoder(config)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (batch_size, seq_len + 1)).astype(np.int32)

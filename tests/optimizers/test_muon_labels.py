@@ -176,17 +176,26 @@ def test_optax_dimension_numbers_are_accepted():
 
 
 def test_overrides_and_unknown_layouts():
-    tree = {"params": {"conv": {"kernel": zeros(3, 8, 16)}, "mhc": {"fn": zeros(24, 64)}}}
-    with pytest.warns(UserWarning, match=r"conv/kernel with shape \(3, 8, 16\)"):
+    tree = {"params": {"mystery": {"kernel": zeros(3, 8, 16)}, "mhc": {"fn": zeros(24, 64)}}}
+    with pytest.warns(UserWarning, match=r"mystery/kernel with shape \(3, 8, 16\)"):
         labels = flat(muon_labels(tree))
-    assert labels["params/conv/kernel"] == "adam"
-    rules = MuonRules(overrides=((r"mhc/fn$", "muon"), (r"conv", "adam")))
+    assert labels["params/mystery/kernel"] == "adam"
+    rules = MuonRules(overrides=((r"mhc/fn$", "muon"), (r"mystery", "adam")))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         labels = flat(muon_labels(tree, rules))
-    assert labels["params/mhc/fn"] == "muon" and labels["params/conv/kernel"] == "adam"
+    assert labels["params/mhc/fn"] == "muon" and labels["params/mystery/kernel"] == "adam"
     with pytest.raises(ValueError, match="label must be"):
         MuonRules(overrides=(("x", "sgd"),))
+
+
+def test_depthwise_convolutions_get_adamw_without_a_warning():
+    """KDA's short convolutions ([K, 1, C] filters, one per channel) are not matrices."""
+    tree = {"params": {"attention": {"q_conv1d": {"kernel": zeros(4, 4, 32)}}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = flat(muon_labels(tree))
+    assert labels["params/attention/q_conv1d/kernel"] == "adam"
 
 
 def test_muon_routes_updates_to_adamw_and_muon():
