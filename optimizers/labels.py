@@ -16,8 +16,8 @@ follow the naming conventions of this library's Linen models:
 
 What gets AdamW (KellerJordan/Muon README; Moonlight arXiv 2502.16982; DeepSeek-V4 §2.4):
 embeddings, the output head, norm gains, biases, gates and other 1-D tensors, mHC/HC
-parameters, depthwise convolution filters (modules whose name contains ``conv``), and any tensor whose layout the rules do not understand (with a warning). Every
-other matrix gets Muon.
+parameters, depthwise convolution filters (modules whose name contains ``conv``), and any
+tensor whose layout the rules do not understand (with a warning). Every other matrix gets Muon.
 
 `MuonDimensionNumbers` says which axes of a leaf are the matrix's input (reduction) axes and
 output axes; every other axis is a batch axis (one independent matrix per index), like

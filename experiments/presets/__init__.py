@@ -21,7 +21,7 @@ from collections.abc import Callable
 from experiments.config import RunConfig
 from jaxmodels.config import ConfigError
 
-DEFAULT_PRESET = "small"
+DEFAULT_PRESET = "hybrid"
 
 _PRESETS: dict[str, tuple[Callable[[], RunConfig], str]] = {}
 _loaded = False

@@ -157,7 +157,7 @@ def test_help_lists_every_field_with_its_value(capsys):
     assert "--model.num_layers=3 " in text and "--train.steps=20 " in text
     assert "--model.attention.gqa.rope.theta=10000.0" in text
     assert "--model.attention.LABEL.kind=KIND" in text
-    assert "tiny" in text and "small (default)" in text
+    assert "tiny" in text and "hybrid (default)" in text
     assert "peak learning rate" in text  # field descriptions from the docstrings
 
 
@@ -231,4 +231,4 @@ def test_workdir_defaults_to_runs_preset():
     args = cli.parse_args(["--preset", "tiny"])
     assert args.workdir == "runs/tiny" and args.preset == "tiny" and not args.distributed
     args = cli.parse_args(["--workdir", "/tmp/x", "--distributed"])
-    assert args.workdir == "/tmp/x" and args.preset == "small" and args.distributed
+    assert args.workdir == "/tmp/x" and args.preset == "hybrid" and args.distributed
