@@ -30,6 +30,7 @@ from experiments.bench.residuals import build
 from experiments.bench.timing import time_interleaved
 from experiments.optimizer import build_optimizer
 from experiments.presets import get_preset
+from experiments.studies.output import write_results
 from experiments.studies.training_runs import study_config, train_and_measure
 
 
@@ -127,11 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(args.steps, args.eval_every, args.candidate)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "hybrid_default.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        plot(result, os.path.join(args.out, "hybrid_default.png"))
-        print(f"wrote {args.out}/hybrid_default.json and .png")
+        write_results(args.out, "hybrid_default", result, lambda path: plot(result, path))
     return result
 
 

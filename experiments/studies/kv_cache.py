@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from experiments.presets import get_preset
+from experiments.studies.output import write_results
 from jaxmodels.attention.dsa import DSAConfig
 from jaxmodels.attention.gqa import GQAConfig
 from jaxmodels.config import ModelConfig
@@ -158,10 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = run()
     print_table(rows)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "kv_cache.json"), "w") as fh:
-            json.dump(rows, fh, indent=1)
-        plot(rows, os.path.join(args.out, "kv_cache.png"))
+        write_results(args.out, "kv_cache", rows, lambda path: plot(rows, path))
     return rows
 
 

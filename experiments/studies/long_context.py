@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -85,6 +84,7 @@ import numpy as np
 
 from experiments.bench.linear_attention import time_ms
 from experiments.bench.sparse_attention import dense_causal_flash
+from experiments.studies.output import write_results
 from jaxmodels import registry
 from jaxmodels.attention.dsa import DSAConfig
 from jaxmodels.attention.gqa import GQAConfig
@@ -558,15 +558,17 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(rows + reference_rows, fits + result["reference_exponents"])
     print(f"study: {result['study_wall_s']:.0f} s wall, {result['study_cpu_s']:.0f} s CPU")
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "long_context.json"), "w") as fh:
-            json.dump(result, fh, indent=1)
-        plot(
-            rows + reference_rows,
-            fits + result["reference_exponents"],
-            os.path.join(a.out, "long_context.png"),
-            title=f"Long-context cost on CPU: one attention layer, width {dims.hidden}, "
-            f"{dims.heads} heads, batch 1, float32",
+        title = (
+            f"Long-context cost on CPU: one attention layer, width {dims.hidden}, "
+            f"{dims.heads} heads, batch 1, float32"
+        )
+        write_results(
+            a.out,
+            "long_context",
+            result,
+            lambda path: plot(
+                rows + reference_rows, fits + result["reference_exponents"], path, title=title
+            ),
         )
     return result
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from experiments.config import RunConfig
 from experiments.presets import get_preset
+from experiments.studies.output import write_results
 from experiments.studies.training_runs import study_config, train_and_measure
 from jaxmodels.attention.gqa import GQAConfig
 
@@ -168,11 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     results = run(args.sizes, args.steps, args.eval_every)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "muon_vs_adamw.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        plot(results, os.path.join(args.out, "muon_vs_adamw.png"))
-        print(f"wrote {args.out}/muon_vs_adamw.json and .png")
+        write_results(args.out, "muon_vs_adamw", results, lambda path: plot(results, path))
     return results
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -42,6 +41,7 @@ import numpy as np
 from experiments.bench.residuals import residual_variants
 from experiments.data import make_datasets
 from experiments.presets import get_preset
+from experiments.studies.output import write_results
 from experiments.studies.training_runs import study_config, train_and_measure
 from jaxmodels.model import Decoder
 from jaxmodels.residual.attn_res import AttnResConfig, collect_depth_weights
@@ -151,11 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     records = run(args.preset, args.steps, args.eval_every, args.kinds)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "residual_variants.json"), "w") as f:
-            json.dump(records, f, indent=1)
-        plot(records, os.path.join(args.out, "residual_variants.png"))
-        print(f"wrote {args.out}/residual_variants.json and .png")
+        write_results(args.out, "residual_variants", records, lambda path: plot(records, path))
     return records
 
 

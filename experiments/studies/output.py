@@ -1,0 +1,17 @@
+"""Where a study's results go: ``<out>/<name>.json`` and its figure ``<out>/<name>.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def write_results(out_dir: str, name: str, data: Any, plot: Callable[[str], None]) -> None:
+    """Writes ``data`` as ``<out_dir>/<name>.json`` and calls ``plot(<out_dir>/<name>.png)``."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    plot(os.path.join(out_dir, f"{name}.png"))
+    print(f"wrote {os.path.join(out_dir, name)}.json and .png")
