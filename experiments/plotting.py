@@ -7,6 +7,27 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def pyplot():
+    """`matplotlib.pyplot` on the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Lays out `fig`, writes it to `path` (PNG) through a temporary file renamed into place, so
+    a crash mid-write never leaves a truncated figure, and closes it."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp)
+    pyplot().close(fig)
+    os.replace(tmp, path)
+
+
 def plot_loss_curve(
     records: Sequence[dict[str, Any]],
     path: str,
@@ -20,11 +41,7 @@ def plot_loss_curve(
       records: metrics records (`event` "train" with `bpb`, `event` "eval" with `val_bpb`).
       baseline: drawn as a dashed line (the unigram bits per byte of the training split).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train = [(r["step"], r["bpb"]) for r in records if r.get("event") == "train" and "bpb" in r]
     val = [
         (r["step"], r["val_bpb"]) for r in records if r.get("event") == "eval" and "val_bpb" in r
@@ -41,9 +58,4 @@ def plot_loss_curve(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

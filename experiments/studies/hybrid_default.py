@@ -21,17 +21,16 @@ Writes ``hybrid_default.json`` and ``hybrid_default.png`` under ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from typing import Any
 
 from experiments.bench.residuals import build
 from experiments.bench.timing import time_interleaved
 from experiments.optimizer import build_optimizer
+from experiments.plotting import pyplot, save_figure
 from experiments.presets import get_preset
 from experiments.studies.output import write_results
-from experiments.studies.training_runs import study_config, train_and_measure
+from experiments.studies.training_runs import study_config, study_parser, train_and_measure
 
 
 def step_times_ms(configs: dict[str, Any], runs: int = 15, budget_s: float = 60.0) -> dict:
@@ -91,10 +90,7 @@ def run(steps: int, eval_every: int, candidate: str = "hybrid") -> dict[str, Any
 
 def plot(result: dict[str, Any], path: str) -> None:
     """Validation bits per byte against step (left) and against the step time x steps (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_step, ax_time) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=100)
     for label, r in result["runs"].items():
@@ -112,18 +108,12 @@ def plot(result: dict[str, Any], path: str) -> None:
     for ax in (ax_step, ax_time):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=320, help="the baseline's steps")
-    parser.add_argument("--eval-every", type=int, default=40)
+    parser = study_parser(__doc__, "hybrid_default")
     parser.add_argument("--candidate", default="hybrid", help="preset compared to the default")
-    parser.add_argument("--out", help="write hybrid_default.json and .png in this folder")
     args = parser.parse_args(argv)
     result = run(args.steps, args.eval_every, args.candidate)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))

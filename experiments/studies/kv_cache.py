@@ -27,6 +27,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from experiments.plotting import pyplot, save_figure
 from experiments.presets import get_preset
 from experiments.studies.output import write_results
 from jaxmodels.attention.dsa import DSAConfig
@@ -114,10 +115,7 @@ def run(contexts=CONTEXTS) -> list[dict]:
 
 def plot(rows: list[dict], path: str) -> None:
     """Grouped log-scale bars: bytes per token per architecture at each context length."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(dict.fromkeys(r["architecture"] for r in rows))
     contexts = sorted({r["context"] for r in rows})
@@ -135,9 +133,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_title("Decode cache per token of context, whole layer stack")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def print_table(rows: list[dict]) -> None:

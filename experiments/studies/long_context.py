@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import time
 
@@ -84,6 +83,7 @@ import numpy as np
 
 from experiments.bench.linear_attention import time_ms
 from experiments.bench.sparse_attention import dense_causal_flash
+from experiments.plotting import pyplot, save_figure
 from experiments.studies.output import write_results
 from jaxmodels import registry
 from jaxmodels.attention.dsa import DSAConfig
@@ -453,10 +453,7 @@ def plot(rows: list[dict], fits: list[dict], path: str, title: str = "") -> None
     """Two log-log panels (prefill, decode): CPU ms against T, one line per method (the flash
     reference dashed, prefill only), the fitted exponent in the legend; gray dotted guides of
     slope 1 and 2 (prefill) or 0 and 1 (decode)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     slope = {(f["method"], f["phase"]): f["exponent"] for f in fits}
     lengths = sorted({r["T"] for r in rows})
@@ -491,10 +488,7 @@ def plot(rows: list[dict], fits: list[dict], path: str, title: str = "") -> None
         ax.legend(fontsize=7.5, title=f"exponent fitted over T >= {fit_from}", title_fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _fmt(ms: float) -> str:

@@ -27,16 +27,15 @@ Writes ``muon_vs_adamw.json`` and ``muon_vs_adamw.png`` under ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 from typing import Any
 
 from experiments.config import RunConfig
+from experiments.plotting import pyplot, save_figure
 from experiments.presets import get_preset
 from experiments.studies.output import write_results
-from experiments.studies.training_runs import study_config, train_and_measure
+from experiments.studies.training_runs import study_config, study_parser, train_and_measure
 from jaxmodels.attention.gqa import GQAConfig
 
 SWEEPS = {"adamw": (1e-3, 3e-3, 1e-2), "muon": (3e-3, 1e-2, 3e-2)}
@@ -122,10 +121,7 @@ def run(sizes: list[str], steps: int, eval_every: int) -> dict[str, Any]:
 
 def plot(results: dict[str, Any], path: str) -> None:
     """One panel per size: validation curves of every run (best of each optimizer bold)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(results), figsize=(6.4 * len(results), 4.6), dpi=100)
     axes = [axes] if len(results) == 1 else axes
@@ -154,18 +150,12 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.set_ylim(top=min(5.0, ax.get_ylim()[1]))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(__doc__, "muon_vs_adamw")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--steps", type=int, default=320)
-    parser.add_argument("--eval-every", type=int, default=40)
-    parser.add_argument("--out", help="write muon_vs_adamw.json and .png in this folder")
     args = parser.parse_args(argv)
     results = run(args.sizes, args.steps, args.eval_every)
     if args.out:

@@ -29,9 +29,7 @@ AttnRes heatmaps) under ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -40,9 +38,10 @@ import numpy as np
 
 from experiments.bench.residuals import residual_variants
 from experiments.data import make_datasets
+from experiments.plotting import pyplot, save_figure
 from experiments.presets import get_preset
 from experiments.studies.output import write_results
-from experiments.studies.training_runs import study_config, train_and_measure
+from experiments.studies.training_runs import study_config, study_parser, train_and_measure
 from jaxmodels.model import Decoder
 from jaxmodels.residual.attn_res import AttnResConfig, collect_depth_weights
 from jaxmodels.residual.hyper_connections import composite_gain_from_intermediates
@@ -102,10 +101,7 @@ def run(preset: str, steps: int, eval_every: int, kinds: list[str] | None = None
 
 def plot(records: list[dict], path: str) -> None:
     """Loss curves, HC/mHC composite gains, and one heatmap per AttnRes run."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     heatmaps = [r for r in records if "depth_weights" in r]
     fig, axes = plt.subplots(
@@ -135,19 +131,13 @@ def plot(records: list[dict], path: str) -> None:
             title=f"{r['residual']}: depth attention",
         )
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(__doc__, "residual_variants")
     parser.add_argument("--preset", default="small", help="model and data preset (default small)")
-    parser.add_argument("--steps", type=int, default=320, help="steps per run (default 320)")
-    parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--kinds", nargs="*", help="subset: prenorm hc mhc attn_res")
-    parser.add_argument("--out", help="write residual_variants.json and .png in this folder")
     args = parser.parse_args(argv)
     records = run(args.preset, args.steps, args.eval_every, args.kinds)
     if args.out:

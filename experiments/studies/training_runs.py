@@ -9,6 +9,7 @@ its JSON); the workdir is deleted afterwards unless the caller keeps it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -21,6 +22,16 @@ import jax
 
 from experiments import train
 from experiments.config import RunConfig
+
+
+def study_parser(doc: str, name: str, *, steps: int = 320) -> argparse.ArgumentParser:
+    """The command line every training study shares: ``--steps`` (per run), ``--eval-every`` and
+    ``--out`` (the folder for ``<name>.json`` and ``<name>.png``); the study adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=steps, help=f"steps per run (default {steps})")
+    parser.add_argument("--eval-every", type=int, default=40)
+    parser.add_argument("--out", help=f"write {name}.json and {name}.png in this folder")
+    return parser
 
 
 def study_config(config: RunConfig, *, steps: int | None = None, eval_every: int | None = None):
