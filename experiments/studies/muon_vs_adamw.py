@@ -35,7 +35,12 @@ from experiments.config import RunConfig
 from experiments.plotting import pyplot, save_figure
 from experiments.presets import get_preset
 from experiments.studies.output import write_results
-from experiments.studies.training_runs import study_config, study_parser, train_and_measure
+from experiments.studies.training_runs import (
+    first_step_reaching,
+    study_config,
+    study_parser,
+    train_and_measure,
+)
 from jaxmodels.attention.gqa import GQAConfig
 
 SWEEPS = {"adamw": (1e-3, 3e-3, 1e-2), "muon": (3e-3, 1e-2, 3e-2)}
@@ -53,21 +58,6 @@ def _narrow() -> RunConfig:
 
 
 SIZES = {"small": lambda: get_preset("small"), "narrow": _narrow}
-
-
-def first_step_reaching(curve: list[dict[str, Any]], target: float) -> float | None:
-    """First step at which ``val_bpb`` reaches ``target`` (linear between evaluations), or
-    None if it never does. When the first evaluation already reaches it, that evaluation's
-    step (an upper bound)."""
-    prev = None
-    for point in curve:
-        if point["val_bpb"] <= target:
-            if prev is None:
-                return float(point["step"])
-            frac = (prev["val_bpb"] - target) / (prev["val_bpb"] - point["val_bpb"])
-            return prev["step"] + frac * (point["step"] - prev["step"])
-        prev = point
-    return None
 
 
 def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -69,6 +69,27 @@ def eval_curve(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: r[k] for k in keys if k in r} for r in records if r.get("event") == "eval"]
 
 
+def first_step_reaching(
+    curve: list[dict[str, Any]], target: float, key: str = "val_bpb", higher_is_better=False
+) -> float | None:
+    """First step at which ``point[key]`` reaches ``target`` (at or below it for a loss, at or
+    above it with ``higher_is_better``, e.g. an accuracy), linear between evaluations; None if it
+    never does. When the first evaluation already reaches it, that evaluation's step (an upper
+    bound)."""
+    sign = -1.0 if higher_is_better else 1.0
+    prev = None
+    for point in curve:
+        value = sign * point[key]
+        if value <= sign * target:
+            if prev is None:
+                return float(point["step"])
+            before = sign * prev[key]
+            frac = (before - sign * target) / (before - value)
+            return prev["step"] + frac * (point["step"] - prev["step"])
+        prev = point
+    return None
+
+
 def train_and_measure(
     config: RunConfig, *, workdir: str | None = None, keep_workdir: bool = False
 ) -> dict[str, Any]:

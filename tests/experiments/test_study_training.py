@@ -20,10 +20,17 @@ def _curve(*points):
 
 def test_first_step_reaching_interpolates_between_evaluations():
     curve = _curve((40, 4.0), (80, 3.0), (120, 2.5))
-    assert muon_vs_adamw.first_step_reaching(curve, 3.5) == pytest.approx(60.0)
-    assert muon_vs_adamw.first_step_reaching(curve, 2.5) == pytest.approx(120.0)
-    assert muon_vs_adamw.first_step_reaching(curve, 5.0) == 40.0  # first evaluation: bound
-    assert muon_vs_adamw.first_step_reaching(curve, 2.0) is None
+    assert training_runs.first_step_reaching(curve, 3.5) == pytest.approx(60.0)
+    assert training_runs.first_step_reaching(curve, 2.5) == pytest.approx(120.0)
+    assert training_runs.first_step_reaching(curve, 5.0) == 40.0  # first evaluation: bound
+    assert training_runs.first_step_reaching(curve, 2.0) is None
+    accuracy = [{"step": s, "val_accuracy": a} for s, a in ((50, 0.1), (100, 0.3), (150, 0.9))]
+    reach = training_runs.first_step_reaching
+    assert reach(accuracy, 0.5, "val_accuracy", higher_is_better=True) == pytest.approx(
+        100 + 50 / 3
+    )
+    assert reach(accuracy, 0.05, "val_accuracy", higher_is_better=True) == 50.0
+    assert reach(accuracy, 0.95, "val_accuracy", higher_is_better=True) is None
 
 
 def test_compare_takes_each_optimizers_best_learning_rate():
