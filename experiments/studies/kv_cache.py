@@ -51,8 +51,7 @@ def _v3_with(attention) -> ModelConfig:
 def _v32() -> ModelConfig:
     """DeepSeek-V3.2: V3's MLA plus the lightning indexer (64 heads x 128, top-2048)."""
     mla = _full_size("deepseek-v3-attn").attention["mla"]
-    fields = {f.name: getattr(mla, f.name) for f in dataclasses.fields(mla)}
-    dsa = DSAConfig(**fields, index_n_heads=64, index_head_dim=128, index_topk=2048)
+    dsa = DSAConfig.from_mla(mla, index_n_heads=64, index_head_dim=128, index_topk=2048)
     return _v3_with(dsa)
 
 

@@ -205,8 +205,8 @@ def layer_config(layer: str, dims: Dims) -> AttentionConfig:
         "kda": lambda: KDAConfig(
             num_heads=d.heads, head_dim=d.head_dim, conv_kernel_size=4, chunk_size=d.kda_chunk
         ),
-        "dsa": lambda: DSAConfig(
-            **{f.name: getattr(mla, f.name) for f in dataclasses.fields(MLAConfig)},
+        "dsa": lambda: DSAConfig.from_mla(
+            mla,
             index_n_heads=d.index_heads,
             index_head_dim=d.index_head_dim,
             index_topk=d.index_topk,

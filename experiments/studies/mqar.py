@@ -208,12 +208,10 @@ def attention_configs(kind: str, d: Dims = Dims()) -> dict[str, Any]:
             )
         }
     if kind == "dsa":
-        mla = _mla(d)
-        fields = {f.name: getattr(mla, f.name) for f in dataclasses.fields(mla)}
-        fields.update(q_lora_rank=2 * hd)
         return {
-            "dsa": DSAConfig(
-                **fields,
+            "dsa": DSAConfig.from_mla(
+                _mla(d),
+                q_lora_rank=2 * hd,
                 index_n_heads=2,
                 index_head_dim=hd,
                 index_topk=32,

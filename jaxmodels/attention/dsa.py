@@ -155,6 +155,13 @@ class DSAConfig(MLAConfig):
             "dsa", "sparse_implementation", self.sparse_implementation, dsa_ops.IMPLEMENTATIONS
         )
 
+    @classmethod
+    def from_mla(cls, mla: MLAConfig, **fields: Any) -> "DSAConfig":
+        """`mla`'s layer plus an indexer: every MLA field copied, `fields` set the indexer's
+        (and may override MLA ones). The inverse of `DSAConfig.mla`."""
+        base = {f.name: getattr(mla, f.name) for f in dataclasses.fields(MLAConfig)}
+        return cls(**{**base, **fields})
+
     @property
     def mla(self) -> MLAConfig:
         """The MLA part alone (same parameters as this layer without `indexer/`)."""

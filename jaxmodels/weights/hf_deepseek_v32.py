@@ -17,7 +17,6 @@ in both Hugging Face's code and ours (reference/attention.md §2.1 erratum), so 
 copied as they are.
 """
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,15 +42,12 @@ def dsa_config_from_hf(hf_config: Any, **overrides: Any) -> DSAConfig:
     MLA fields as `mla_config_from_hf`; reads `index_n_heads`, `index_head_dim`, `index_topk`.
     `overrides` set any DSAConfig field (e.g. `indexer_stage="off"` for inference).
     """
-    mla = mla_config_from_hf(hf_config)
-    fields = {f.name: getattr(mla, f.name) for f in dataclasses.fields(mla)}
-    fields.update(
+    indexer = dict(
         index_n_heads=int(_get(hf_config, "index_n_heads", 64)),
         index_head_dim=int(_get(hf_config, "index_head_dim", 128)),
         index_topk=int(_get(hf_config, "index_topk", 2048)),
     )
-    fields.update(overrides)
-    return DSAConfig(**fields)
+    return DSAConfig.from_mla(mla_config_from_hf(hf_config), **{**indexer, **overrides})
 
 
 def indexer_params_from_hf(

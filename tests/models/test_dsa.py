@@ -357,6 +357,16 @@ def test_bad_configs_give_clear_errors():
 def test_config_is_an_mla_config_and_round_trips():
     assert isinstance(TINY, MLAConfig) and TINY.kind == "dsa"
     assert type(TINY.mla) is MLAConfig and TINY.mla.kv_lora_rank == TINY.kv_lora_rank
+    indexer = {f: getattr(TINY, f) for f in ("index_n_heads", "index_head_dim", "index_topk")}
+    assert DSAConfig.from_mla(TINY.mla, **indexer) == dataclasses.replace(
+        TINY,
+        **{
+            f.name: f.default
+            for f in dataclasses.fields(DSAConfig)
+            if f.name not in {g.name for g in dataclasses.fields(MLAConfig)} | set(indexer)
+        },
+    )
+    assert DSAConfig.from_mla(TINY.mla, index_topk=3, q_lora_rank=8).q_lora_rank == 8
     model = ModelConfig(layer_pattern=("dsa",), attention={"dsa": TINY})
     assert from_dict(ModelConfig, to_dict(model)) == model
     # V3.2 dims: latent 576 + indexer key 128 values per token per layer
