@@ -11,7 +11,15 @@ from typing import Any
 def write_results(out_dir: str, name: str, data: Any, plot: Callable[[str], None]) -> None:
     """Writes ``data`` as ``<out_dir>/<name>.json`` and calls ``plot(<out_dir>/<name>.png)``."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(data, f, indent=1)
+    write_json(os.path.join(out_dir, f"{name}.json"), data)
     plot(os.path.join(out_dir, f"{name}.png"))
     print(f"wrote {os.path.join(out_dir, name)}.json and .png")
+
+
+def write_json(path: str, data: Any) -> None:
+    """``json.dump`` to a temporary file beside ``path``, then renamed over it: an interrupted
+    study never leaves a truncated JSON in place of the last good one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
