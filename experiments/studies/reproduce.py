@@ -1,17 +1,18 @@
 """Rerun the studies of ``docs/results.md`` in order, one process per command, and time them.
 
     python -m experiments.studies.reproduce --out docs/results              # all six studies
-    python -m experiments.studies.reproduce --only 1,5 --out docs/results   # the CPU-hour part
+    python -m experiments.studies.reproduce --only 1,5 --out docs/results   # the CPU part
     python -m experiments.studies.reproduce --dry-run                       # list the commands
     bash experiments/studies/gpu.sh                                         # on a CUDA machine
 
 The commands are exactly the ones ``docs/results.md`` lists under each study
 (``tests/experiments/test_reproduce.py`` keeps the two the same). Studies 1 (cache pytrees
 traced with ``jax.eval_shape``) and 5 (attention timed on the CPU: the claim it checks is about
-CPU cost, so it always runs with ``JAX_PLATFORMS=cpu``) take about 11 minutes on 2 CPU cores.
-The training studies 2, 3, 4 and 6 take about 3 hours there (``cpu_minutes``); they are what
-``gpu.sh`` runs on an accelerator. Each command runs as ``python -m experiments.studies.<name>``
-in its own process, so one study's compiled programs and device memory never reach the next.
+CPU cost, so it always runs with ``JAX_PLATFORMS=cpu``) take about 4 minutes on 2 idle CPU
+cores. The training studies 2, 3, 4 and 6 take over 3 hours there (``cpu_minutes``); they are
+what ``gpu.sh`` runs on an accelerator. Each command runs as
+``python -m experiments.studies.<name>`` in its own process, so one study's compiled programs
+and device memory never reach the next.
 
 Writes ``<out>/reproduce.json``: the backend the training studies ran on, and per study its
 commands, wall seconds and exit status. A failed study does not stop the others; the exit
@@ -50,12 +51,18 @@ STUDIES = (
     Study(
         2,
         "mqar",
-        (("--out", OUT), ("--kinds", "kda,gdn", "--seeds", "2,3", "--append", "--out", OUT)),
-        cpu_minutes=85,
+        (
+            ("--out", OUT),
+            ("--kinds", "kda,gdn", "--seeds", "2,3", "--append", "--out", OUT),
+            ("--kinds", "kda,gdn", "--kv-pairs", "4,16", "--lengths", "256", "--seeds", "0,1")
+            + ("--append", "--out", OUT),
+            ("--kinds", "kda,gdn", "--lengths", "1024", "--seeds", "0,1", "--append", "--out", OUT),
+        ),
+        cpu_minutes=123,
     ),
     Study(3, "residual_variants", (("--out", OUT),), cpu_minutes=21),
-    Study(4, "muon_vs_adamw", (("--out", OUT),), cpu_minutes=50),
-    Study(5, "long_context", (("--out", OUT),), cpu_minutes=10, cpu_only=True),
+    Study(4, "muon_vs_adamw", (("--out", OUT),), cpu_minutes=13),
+    Study(5, "long_context", (("--out", OUT),), cpu_minutes=4, cpu_only=True),
     Study(6, "hybrid_default", (("--out", OUT),), cpu_minutes=25),
 )
 

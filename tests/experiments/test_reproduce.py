@@ -41,9 +41,9 @@ def test_dry_run_prints_commands_and_pins_the_cpu_studies_to_the_cpu(capsys):
     assert reproduce.main(["--dry-run", "--only", "4,5", "--out", "results"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
-        "# study 4: ~50 min on 2 CPU cores",
+        "# study 4: ~13 min on 2 CPU cores",
         "python -m experiments.studies.muon_vs_adamw --out results",
-        "# study 5: ~10 min on 2 CPU cores",
+        "# study 5: ~4 min on 2 CPU cores",
         "JAX_PLATFORMS=cpu python -m experiments.studies.long_context --out results",
     ]
 
