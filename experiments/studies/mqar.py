@@ -57,17 +57,19 @@ all; the attention kinds presumably still have to form the two-layer induction m
 previous-token head, then a match on it), which a short convolution gives for free. The default
 grid trains all 8 kinds at T = 256 and the three convolutional ones also at T = 512
 (`LONG_KINDS`), K = 8, seeds 0 and 1; the second command adds seeds 2 and 3 for KDA and GDN, the
-pair the paper's claim is about; the third and fourth widen the grid for that pair to K = 4
-and 16 (T = 256) and to T = 1024 (K = 8). On this 2-core CPU a run costs 90-160 s at T = 256
-(the hybrid's 4 layers 170-190 s), twice that at 512 and about 6.5 min at 1024: 63 minutes for
-the default grid, then about 22, 12 and 26 more. The issue's full grid is the last command
-(about 190 runs of 2000 steps: days on this machine, a GPU job).
+pair the paper's claim is about; the next three widen the grid for that pair to K = 4 and 16
+(T = 256) and to T = 1024 and 2048 (K = 8). On this 2-core CPU a run costs 90-160 s at T = 256
+(the hybrid's 4 layers 170-190 s), twice that at 512, about 6.5 min at 1024 and 15 at 2048:
+63 minutes for the default grid, then about 22, 12, 26 and 29 more. The issue's full grid is
+the last command (about 190 runs of 2000 steps: days on this machine, a GPU job).
 
     python -m experiments.studies.mqar --out docs/results        # the default grid, ~63 min
     python -m experiments.studies.mqar --kinds kda,gdn --seeds 2,3 --append --out docs/results
     python -m experiments.studies.mqar --kinds kda,gdn --kv-pairs 4,16 --lengths 256 \\
         --seeds 0,1 --append --out docs/results
     python -m experiments.studies.mqar --kinds kda,gdn --lengths 1024 --seeds 0,1 \\
+        --append --out docs/results
+    python -m experiments.studies.mqar --kinds kda,gdn --lengths 2048 --seeds 0 \\
         --append --out docs/results
     python -m experiments.studies.mqar --quick                   # ~30 s (2 kinds, T = 64)
     python -m experiments.studies.mqar --lengths 256,512,1024,2048 --kv-pairs 4,16 \\
