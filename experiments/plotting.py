@@ -6,6 +6,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from experiments.files import write_atomically
+
 
 def pyplot():
     """`matplotlib.pyplot` on the Agg backend (files only, no display needed)."""
@@ -22,10 +24,8 @@ def save_figure(fig, path: str) -> None:
     a crash mid-write never leaves a truncated figure, and closes it."""
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp)
+    write_atomically(path, fig.savefig, suffix=".png")
     pyplot().close(fig)
-    os.replace(tmp, path)
 
 
 def plot_loss_curve(

@@ -7,6 +7,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from experiments.files import write_atomically
+
 
 def write_results(out_dir: str, name: str, data: Any, plot: Callable[[str], None]) -> None:
     """Writes ``data`` as ``<out_dir>/<name>.json`` and calls ``plot(<out_dir>/<name>.png)``."""
@@ -19,7 +21,9 @@ def write_results(out_dir: str, name: str, data: Any, plot: Callable[[str], None
 def write_json(path: str, data: Any) -> None:
     """``json.dump`` to a temporary file beside ``path``, then renamed over it: an interrupted
     study never leaves a truncated JSON in place of the last good one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+
+    write_atomically(path, dump)

@@ -54,8 +54,10 @@ STUDIES = (
         (
             ("--out", OUT),
             ("--kinds", "kda,gdn", "--seeds", "2,3", "--append", "--out", OUT),
-            ("--kinds", "kda,gdn", "--kv-pairs", "4,16", "--lengths", "256", "--seeds", "0,1")
-            + ("--append", "--out", OUT),
+            (
+                *("--kinds", "kda,gdn", "--kv-pairs", "4,16", "--lengths", "256"),
+                *("--seeds", "0,1", "--append", "--out", OUT),
+            ),
             ("--kinds", "kda,gdn", "--lengths", "1024", "--seeds", "0,1", "--append", "--out", OUT),
             ("--kinds", "kda,gdn", "--lengths", "2048", "--seeds", "0", "--append", "--out", OUT),
         ),
