@@ -75,10 +75,28 @@ def _flat_rsqrt(x_BTMD: jax.Array, norm_eps: float) -> tuple[jax.Array, jax.Arra
     return x_flat, rsqrt
 
 
-def _stream_update(
+def _sum_minor(x: jax.Array) -> jax.Array:
+    """Sum over the last axis by repeated halving (pairwise summation), [..., K] -> [...].
+
+    XLA:CPU emits a reduction over the minor axis as a sequential scalar loop (it may not
+    reassociate float adds); halving is elementwise and vectorises. For the per-token
+    ``<dy_i, x_j>`` products of the stream mixing (K = D = 128) this is ~8x faster than
+    ``jnp.sum`` or a per-token batched ``einsum`` (experiments/bench/residuals.py notes).
+    """
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        head = x[..., :half] + x[..., half : 2 * half]
+        if x.shape[-1] % 2:
+            head = jnp.concatenate([head[..., :1] + x[..., -1:], head[..., 1:]], axis=-1)
+        x = head
+    return x[..., 0]
+
+
+def stream_update_reference(
     x_BTMD: jax.Array, layer_output_BTD: jax.Array, post_BTM: jax.Array, res_BTMM: jax.Array
 ) -> jax.Array:
-    """``x'_dst = sum_src res[dst, src] x_src + post_dst * out``, float32, cast to x's dtype."""
+    """``x'_dst = sum_src res[dst, src] x_src + post_dst * out`` as one einsum (autodiff); the
+    reference that tests hold :func:`_stream_update` to. float32, cast to x's dtype."""
     mixed = jnp.einsum(
         "...ij,...jd->...id",
         res_BTMM.astype(jnp.float32),
@@ -91,8 +109,8 @@ def _stream_update(
     return (mixed + out).astype(x_BTMD.dtype)
 
 
-def _read_streams(x_BTMD: jax.Array, weights_BTM: jax.Array) -> jax.Array:
-    """``sum_m w_m x_m`` in float32, cast back to x's dtype ([..., M, D] -> [..., D])."""
+def read_streams_reference(x_BTMD: jax.Array, weights_BTM: jax.Array) -> jax.Array:
+    """``sum_m w_m x_m`` as one einsum (autodiff); the reference for :func:`_read_streams`."""
     y = jnp.einsum(
         "...m,...md->...d",
         weights_BTM.astype(jnp.float32),
@@ -100,6 +118,69 @@ def _read_streams(x_BTMD: jax.Array, weights_BTM: jax.Array) -> jax.Array:
         precision=_HIGHEST,
     )
     return y.astype(x_BTMD.dtype)
+
+
+# The fast forms below compute the same sums elementwise and write the backward pass out, with
+# every per-token inner product over D done by _sum_minor. Autodiff of the einsums above gives
+# per-token batched [M, D] x [D, M] dots (2048 tiny matmuls for a `small` batch), which XLA:CPU
+# runs one at a time: they were a third of the mHC train step's extra time.
+
+
+@jax.custom_vjp
+def _stream_update(
+    x_BTMD: jax.Array, layer_output_BTD: jax.Array, post_BTM: jax.Array, res_BTMM: jax.Array
+) -> jax.Array:
+    """``x'_dst = sum_src res[dst, src] x_src + post_dst * out``, float32, cast to x's dtype."""
+    f32 = jnp.float32
+    mixed = jnp.sum(res_BTMM.astype(f32)[..., :, :, None] * x_BTMD.astype(f32)[..., None, :, :], -2)
+    out = post_BTM.astype(f32)[..., None] * layer_output_BTD.astype(f32)[..., None, :]
+    return (mixed + out).astype(x_BTMD.dtype)
+
+
+def _stream_update_fwd(x_BTMD, layer_output_BTD, post_BTM, res_BTMM):
+    residuals = (x_BTMD, layer_output_BTD, post_BTM, res_BTMM)
+    return _stream_update(*residuals), residuals
+
+
+def _stream_update_bwd(residuals, g_BTMD):
+    x_BTMD, y_BTD, post_BTM, res_BTMM = residuals
+    f32 = jnp.float32
+    g, x, y = g_BTMD.astype(f32), x_BTMD.astype(f32), y_BTD.astype(f32)
+    dx_BTMD = jnp.sum(res_BTMM.astype(f32)[..., :, :, None] * g[..., :, None, :], axis=-3)
+    dy_BTD = jnp.sum(post_BTM.astype(f32)[..., None] * g, axis=-2)
+    dpost_BTM = _sum_minor(g * y[..., None, :])
+    dres_BTMM = _sum_minor(g[..., :, None, :] * x[..., None, :, :])
+    return (
+        dx_BTMD.astype(x_BTMD.dtype),
+        dy_BTD.astype(y_BTD.dtype),
+        dpost_BTM.astype(post_BTM.dtype),
+        dres_BTMM.astype(res_BTMM.dtype),
+    )
+
+
+_stream_update.defvjp(_stream_update_fwd, _stream_update_bwd)
+
+
+@jax.custom_vjp
+def _read_streams(x_BTMD: jax.Array, weights_BTM: jax.Array) -> jax.Array:
+    """``sum_m w_m x_m`` in float32, cast back to x's dtype ([..., M, D] -> [..., D])."""
+    f32 = jnp.float32
+    return jnp.sum(weights_BTM.astype(f32)[..., None] * x_BTMD.astype(f32), -2).astype(x_BTMD.dtype)
+
+
+def _read_streams_fwd(x_BTMD, weights_BTM):
+    return _read_streams(x_BTMD, weights_BTM), (x_BTMD, weights_BTM)
+
+
+def _read_streams_bwd(residuals, g_BTD):
+    x_BTMD, weights_BTM = residuals
+    g = g_BTD.astype(jnp.float32)
+    dx_BTMD = weights_BTM.astype(jnp.float32)[..., None] * g[..., None, :]
+    dw_BTM = _sum_minor(g[..., None, :] * x_BTMD.astype(jnp.float32))
+    return dx_BTMD.astype(x_BTMD.dtype), dw_BTM.astype(weights_BTM.dtype)
+
+
+_read_streams.defvjp(_read_streams_fwd, _read_streams_bwd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,8 +220,8 @@ def mhc_coefficients(
       eps: ``hc_eps`` (1e-6): added to pre and inside Sinkhorn ("v4" only).
       norm_eps: eps of the weightless RMSNorm (V4 ``norm_eps`` / ``rms_norm_eps``, 1e-6).
       form: "v4" (default, DeepSeek-V4 code) or "paper" (arXiv 2512.24880 Eqs. 7-9).
-      sinkhorn_unroll: loop unrolling of the Sinkhorn iterations (1: fast compile; True: fully
-        unrolled, fusable on accelerators). Does not change the result.
+      sinkhorn_unroll: unrolling of the scans over Sinkhorn iterations (1: fastest on CPU; an
+        int or True for accelerators). Does not change the result.
 
     Returns:
       pre_BTM [..., M], post_BTM [..., M], res_BTMM [..., M, M] (``res[dst, src]``), float32.

@@ -74,8 +74,9 @@ class MHCConfig(ResidualConfig):
       form: "v4" (DeepSeek-V4 code, checkpoint-compatible) or "paper" (Eqs. 7-9).
       alpha_init: initial ``scale`` entries (the paper's gating factors alpha, 0.01).
       fn_init_std: std of the normal init of ``fn`` / ``head_fn``; None = the model's init_std.
-      sinkhorn_unroll: unrolling of the Sinkhorn loop (1: fast compile; True: fully unrolled,
-        lets XLA fuse all iterations -- accelerators). Does not change the result.
+      sinkhorn_unroll: unrolling of the scans over Sinkhorn iterations, forward and backward
+        (1: fastest on CPU and quick to compile; an int or True for accelerators). Does not
+        change the result.
     """
 
     kind = "mhc"

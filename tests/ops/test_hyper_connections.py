@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from jaxmodels.ops.hyper_connections import (
+    _read_streams,
+    _stream_update,
+    _sum_minor,
     amax_gain,
     composite_gain,
     composite_mappings,
@@ -22,6 +25,8 @@ from jaxmodels.ops.hyper_connections import (
     mhc_num_mixes,
     mhc_post,
     mhc_pre,
+    read_streams_reference,
+    stream_update_reference,
 )
 from jaxmodels.ops.norms import rms_norm
 from jaxmodels.ops.sinkhorn import sinkhorn_v4
@@ -220,6 +225,52 @@ def test_mhc_low_precision_streams_and_grads():
     )
     grads = jax.jit(jax.grad(lambda p: jnp.sum(_mhc_layer(x, *p, w) ** 2)))((fn, scale, base))
     assert all(np.all(np.isfinite(g)) and float(jnp.max(jnp.abs(g))) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 7, 128, 129])
+def test_pairwise_minor_sum_equals_sum(length):
+    x = _randn(40 + length, (3, 4, length))
+    np.testing.assert_allclose(_sum_minor(x), np.asarray(x).sum(-1), rtol=1e-6, atol=1e-5)
+
+
+# bf16 tolerance: inputs and outputs are bf16 (8 mantissa bits, relative step 2^-8 = 3.9e-3) and
+# the sums have up to D = 64 terms of size ~1; both forms compute in fp32 and round once, so they
+# differ by at most one bf16 step of the result (|result| <= ~20 here): 0.1 absolute.
+_TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 1e-1}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fast_stream_mixing_equals_einsum_reference_values_and_gradients(dtype):
+    """The custom-VJP stream update and read (elementwise forward, written-out backward) ==
+    autodiff of the einsum references, for every input, on random inputs."""
+    m, d = 4, 64
+    x = _randn(50, (B, T, m, d)).astype(dtype)
+    y = _randn(51, (B, T, d)).astype(dtype)
+    post, w = _randn(52, (B, T, m)), _randn(53, (B, T, m))
+    res = _randn(54, (B, T, m, m))
+    ct_x, ct_y = _randn(55, (B, T, m, d)), _randn(56, (B, T, d))
+    atol = _TOLERANCE[dtype]
+
+    def check(fast, reference, args, ct):
+        np.testing.assert_allclose(
+            np.asarray(fast(*args), np.float32), np.asarray(reference(*args), np.float32), atol=atol
+        )
+        argnums = tuple(range(len(args)))
+        grads = [
+            jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a).astype(jnp.float32) * ct), argnums))(
+                *args
+            )
+            for f in (fast, reference)
+        ]
+        for got, want, arg in zip(*grads, args, strict=True):
+            assert got.dtype == arg.dtype
+            scale = max(1.0, float(jnp.max(jnp.abs(want.astype(jnp.float32)))))
+            np.testing.assert_allclose(
+                np.asarray(got, np.float32), np.asarray(want, np.float32), atol=atol * scale
+            )
+
+    check(_stream_update, stream_update_reference, (x, y, post, res), ct_x)
+    check(_read_streams, read_streams_reference, (x, w), ct_y)
 
 
 # ----------------------------------------------------------------------------------------------
