@@ -81,7 +81,7 @@ def _sum_minor(x: jax.Array) -> jax.Array:
     XLA:CPU emits a reduction over the minor axis as a sequential scalar loop (it may not
     reassociate float adds); halving is elementwise and vectorises. For the per-token
     ``<dy_i, x_j>`` products of the stream mixing (K = D = 128) this is ~8x faster than
-    ``jnp.sum`` or a per-token batched ``einsum`` (experiments/bench/residuals.py notes).
+    ``jnp.sum`` or a per-token batched ``einsum`` (README "Residual kinds", Cost).
     """
     while x.shape[-1] > 1:
         half = x.shape[-1] // 2

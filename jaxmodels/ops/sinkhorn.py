@@ -39,8 +39,13 @@ import jax.numpy as jnp
 SinkhornForm = Literal["v4", "paper"]
 
 
+def _normalize_with_denominator(m: jax.Array, axis: int, eps: float):
+    den = jnp.sum(m, axis=axis, keepdims=True) + eps
+    return m / den, den
+
+
 def _normalize(m: jax.Array, axis: int, eps: float) -> jax.Array:
-    return m / (jnp.sum(m, axis=axis, keepdims=True) + eps)
+    return _normalize_with_denominator(m, axis, eps)[0]
 
 
 def _to_tokens_minor(x_MM: jax.Array) -> jax.Array:
@@ -60,11 +65,6 @@ def _from_tokens_minor(x_MMN: jax.Array, lead: tuple[int, ...]) -> jax.Array:
     return jnp.transpose(x_MMN, (2, 0, 1)).reshape(*lead, m, m)
 
 
-def _normalize_with_denominator(m: jax.Array, axis: int, eps: float):
-    den = jnp.sum(m, axis=axis, keepdims=True) + eps
-    return m / den, den
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _alternate(m_MMN: jax.Array, first_axis: int, rounds: int, eps: float, unroll) -> jax.Array:
     """``rounds`` x (normalise along ``first_axis``, then along the other matrix axis).
@@ -72,9 +72,11 @@ def _alternate(m_MMN: jax.Array, first_axis: int, rounds: int, eps: float, unrol
     ``m_MMN``: [M, M, N] positive, float32. The backward pass is written out (a reverse scan
     over the saved per-round inputs): for ``out = m / den``, ``den = sum_a m + eps``,
     ``dm = (dout - sum_a(dout * out)) / den``. It equals autodiff of the loop (tested) and keeps
-    every reduction over a leading axis.
+    every reduction over a leading axis. Without differentiation (decoding) nothing is saved.
     """
-    return _alternate_fwd(m_MMN, first_axis, rounds, eps, unroll)[0]
+    return jax.lax.fori_loop(
+        0, rounds, lambda _, m: _one_round(m, first_axis, eps)[2], m_MMN, unroll=unroll
+    )
 
 
 def _one_round(m_MMN, first_axis, eps):
