@@ -92,6 +92,11 @@ class MHCConfig(ResidualConfig):
         check_positive("mhc", hc_mult=self.hc_mult, hc_sinkhorn_iters=self.hc_sinkhorn_iters)
         check(self.hc_eps >= 0, f"mhc.hc_eps={self.hc_eps!r} must be >= 0")
         check_choice("mhc", "form", self.form, ("v4", "paper"))
+        unroll = self.sinkhorn_unroll
+        check(
+            isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1),
+            f"mhc.sinkhorn_unroll={unroll!r} must be a positive int or True (full unrolling)",
+        )
         check(
             self.fn_init_std is None or self.fn_init_std >= 0,
             f"mhc.fn_init_std={self.fn_init_std!r} must be None or >= 0",

@@ -436,6 +436,8 @@ def test_config_validation_messages():
         MHCConfig(form="v3")
     with pytest.raises(ConfigError, match="mhc.hc_sinkhorn_iters=0 must be a positive"):
         MHCConfig(hc_sinkhorn_iters=0)
+    with pytest.raises(ConfigError, match="mhc.sinkhorn_unroll=0 must be a positive int or True"):
+        MHCConfig(sinkhorn_unroll=0)
     with pytest.raises(ConfigError, match="attn_res.mode='dense' is not one of"):
         AttnResConfig(mode="dense")
     with pytest.raises(ConfigError, match="attn_res.block_size=0 must be a positive"):
