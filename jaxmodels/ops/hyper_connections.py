@@ -120,6 +120,20 @@ def read_streams_reference(x_BTMD: jax.Array, weights_BTM: jax.Array) -> jax.Arr
     return y.astype(x_BTMD.dtype)
 
 
+def _materialize(x: jax.Array) -> jax.Array:
+    """``x`` unchanged (exactly ``x + 0``), but computed once and written to memory.
+
+    XLA:CPU drops ``optimization_barrier`` before fusion and fuses cheap elementwise producers
+    into every consumer. The gradient arriving at the stream update and read is such a
+    producer (the next sub-layer's norm backward plus the other stream terms), and each
+    written-out backward pass below has three or four consumers of it, so it was recomputed
+    in each (in the `small` train step the update's backward took ~4 ms per sub-layer, against
+    1.2 ms on its own). The output of a reduction is always materialised, so the gradient is
+    summed with zeros over a new axis of size 2.
+    """
+    return jnp.sum(jnp.stack([x, jnp.zeros_like(x)]), axis=0)
+
+
 # The fast forms below compute the same sums elementwise and write the backward pass out, with
 # every per-token inner product over D done by _sum_minor. Autodiff of the einsums above gives
 # per-token batched [M, D] x [D, M] dots (2048 tiny matmuls for a `small` batch), which XLA:CPU
@@ -145,7 +159,7 @@ def _stream_update_fwd(x_BTMD, layer_output_BTD, post_BTM, res_BTMM):
 def _stream_update_bwd(residuals, g_BTMD):
     x_BTMD, y_BTD, post_BTM, res_BTMM = residuals
     f32 = jnp.float32
-    g, x, y = g_BTMD.astype(f32), x_BTMD.astype(f32), y_BTD.astype(f32)
+    g, x, y = _materialize(g_BTMD.astype(f32)), x_BTMD.astype(f32), y_BTD.astype(f32)
     dx_BTMD = jnp.sum(res_BTMM.astype(f32)[..., :, :, None] * g[..., :, None, :], axis=-3)
     dy_BTD = jnp.sum(post_BTM.astype(f32)[..., None] * g, axis=-2)
     dpost_BTM = _sum_minor(g * y[..., None, :])
@@ -174,7 +188,7 @@ def _read_streams_fwd(x_BTMD, weights_BTM):
 
 def _read_streams_bwd(residuals, g_BTD):
     x_BTMD, weights_BTM = residuals
-    g = g_BTD.astype(jnp.float32)
+    g = _materialize(g_BTD.astype(jnp.float32))
     dx_BTMD = weights_BTM.astype(jnp.float32)[..., None] * g[..., None, :]
     dw_BTM = _sum_minor(g[..., None, :] * x_BTMD.astype(jnp.float32))
     return dx_BTMD.astype(x_BTMD.dtype), dw_BTM.astype(weights_BTM.dtype)
