@@ -37,6 +37,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxmodels.ops.reductions import weighted_sum
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
@@ -84,9 +86,7 @@ def depth_attention(
     weights = jax.nn.softmax(logits, axis=0)
     if valid_mask_S is not None:
         weights = jnp.where(mask, weights, 0.0)
-    out = jnp.einsum(
-        "s...,s...d->...d", weights, sources_SBTD.astype(jnp.float32), precision=_HIGHEST
-    ).astype(sources_SBTD.dtype)
+    out = weighted_sum(weights, sources_SBTD, 0).astype(sources_SBTD.dtype)
     return (out, weights) if return_weights else out
 
 
@@ -242,12 +242,7 @@ def attn_res_read(
     mask = valid.reshape(valid.shape + (1,) * (logits.ndim - 1))
     weights = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=0)
     weights = jnp.where(mask, weights, 0.0)
-    out = jnp.einsum(
-        "s...,s...d->...d",
-        weights[:s],
-        state.sources_SBTD.astype(jnp.float32),
-        precision=_HIGHEST,
-    )
+    out = weighted_sum(weights[:s], state.sources_SBTD, 0)
     out = out + weights[s][..., None] * state.partial_BTD.astype(jnp.float32)
     out = out.astype(state.sources_SBTD.dtype)
     return (out, weights) if return_weights else out

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels.ops.norms import rms_norm
+from jaxmodels.ops.reductions import materialize, sum_minor, weighted_sum
 from jaxmodels.ops.sinkhorn import sinkhorn_paper, sinkhorn_v4
 
 MhcForm = Literal["v4", "paper"]
@@ -73,23 +74,6 @@ def _flat_rsqrt(x_BTMD: jax.Array, norm_eps: float) -> tuple[jax.Array, jax.Arra
     x_flat = x_BTMD.reshape(*x_BTMD.shape[:-2], -1).astype(jnp.float32)
     rsqrt = jax.lax.rsqrt(jnp.mean(jnp.square(x_flat), axis=-1, keepdims=True) + norm_eps)
     return x_flat, rsqrt
-
-
-def _sum_minor(x: jax.Array) -> jax.Array:
-    """Sum over the last axis by repeated halving (pairwise summation), [..., K] -> [...].
-
-    XLA:CPU emits a reduction over the minor axis as a sequential scalar loop (it may not
-    reassociate float adds); halving is elementwise and vectorises. For the per-token
-    ``<dy_i, x_j>`` products of the stream mixing (K = D = 128) this is ~8x faster than
-    ``jnp.sum`` or a per-token batched ``einsum`` (README "Residual kinds", Cost).
-    """
-    while x.shape[-1] > 1:
-        half = x.shape[-1] // 2
-        head = x[..., :half] + x[..., half : 2 * half]
-        if x.shape[-1] % 2:
-            head = jnp.concatenate([head[..., :1] + x[..., -1:], head[..., 1:]], axis=-1)
-        x = head
-    return x[..., 0]
 
 
 def stream_update_reference(
@@ -120,24 +104,10 @@ def read_streams_reference(x_BTMD: jax.Array, weights_BTM: jax.Array) -> jax.Arr
     return y.astype(x_BTMD.dtype)
 
 
-def _materialize(x: jax.Array) -> jax.Array:
-    """``x`` unchanged (exactly ``x + 0``), but computed once and written to memory.
-
-    XLA:CPU drops ``optimization_barrier`` before fusion and fuses cheap elementwise producers
-    into every consumer. The gradient arriving at the stream update and read is such a
-    producer (the next sub-layer's norm backward plus the other stream terms), and each
-    written-out backward pass below has three or four consumers of it, so it was recomputed
-    in each (in the `small` train step the update's backward took ~4 ms per sub-layer, against
-    1.2 ms on its own). The output of a reduction is always materialised, so the gradient is
-    summed with zeros over a new axis of size 2.
-    """
-    return jnp.sum(jnp.stack([x, jnp.zeros_like(x)]), axis=0)
-
-
-# The fast forms below compute the same sums elementwise and write the backward pass out, with
-# every per-token inner product over D done by _sum_minor. Autodiff of the einsums above gives
-# per-token batched [M, D] x [D, M] dots (2048 tiny matmuls for a `small` batch), which XLA:CPU
-# runs one at a time: they were a third of the mHC train step's extra time.
+# The fast forms below compute the same sums elementwise and write the backward pass out
+# (jaxmodels/ops/reductions.py says why): autodiff of the einsums above gives per-token batched
+# [M, D] x [D, M] dots (2048 tiny matmuls for a `small` batch), which XLA:CPU runs one at a
+# time: they were a third of the mHC train step's extra time.
 
 
 @jax.custom_vjp
@@ -159,11 +129,11 @@ def _stream_update_fwd(x_BTMD, layer_output_BTD, post_BTM, res_BTMM):
 def _stream_update_bwd(residuals, g_BTMD):
     x_BTMD, y_BTD, post_BTM, res_BTMM = residuals
     f32 = jnp.float32
-    g, x, y = _materialize(g_BTMD.astype(f32)), x_BTMD.astype(f32), y_BTD.astype(f32)
+    g, x, y = materialize(g_BTMD.astype(f32)), x_BTMD.astype(f32), y_BTD.astype(f32)
     dx_BTMD = jnp.sum(res_BTMM.astype(f32)[..., :, :, None] * g[..., :, None, :], axis=-3)
     dy_BTD = jnp.sum(post_BTM.astype(f32)[..., None] * g, axis=-2)
-    dpost_BTM = _sum_minor(g * y[..., None, :])
-    dres_BTMM = _sum_minor(g[..., :, None, :] * x[..., None, :, :])
+    dpost_BTM = sum_minor(g * y[..., None, :])
+    dres_BTMM = sum_minor(g[..., :, None, :] * x[..., None, :, :])
     return (
         dx_BTMD.astype(x_BTMD.dtype),
         dy_BTD.astype(y_BTD.dtype),
@@ -175,26 +145,9 @@ def _stream_update_bwd(residuals, g_BTMD):
 _stream_update.defvjp(_stream_update_fwd, _stream_update_bwd)
 
 
-@jax.custom_vjp
 def _read_streams(x_BTMD: jax.Array, weights_BTM: jax.Array) -> jax.Array:
     """``sum_m w_m x_m`` in float32, cast back to x's dtype ([..., M, D] -> [..., D])."""
-    f32 = jnp.float32
-    return jnp.sum(weights_BTM.astype(f32)[..., None] * x_BTMD.astype(f32), -2).astype(x_BTMD.dtype)
-
-
-def _read_streams_fwd(x_BTMD, weights_BTM):
-    return _read_streams(x_BTMD, weights_BTM), (x_BTMD, weights_BTM)
-
-
-def _read_streams_bwd(residuals, g_BTD):
-    x_BTMD, weights_BTM = residuals
-    g = _materialize(g_BTD.astype(jnp.float32))
-    dx_BTMD = weights_BTM.astype(jnp.float32)[..., None] * g[..., None, :]
-    dw_BTM = _sum_minor(g[..., None, :] * x_BTMD.astype(jnp.float32))
-    return dx_BTMD.astype(x_BTMD.dtype), dw_BTM.astype(weights_BTM.dtype)
-
-
-_read_streams.defvjp(_read_streams_fwd, _read_streams_bwd)
+    return weighted_sum(weights_BTM, x_BTMD, -2).astype(x_BTMD.dtype)
 
 
 # --------------------------------------------------------------------------------------------

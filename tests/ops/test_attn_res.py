@@ -60,6 +60,23 @@ def test_matches_reference_form_and_masked_slots_are_exactly_zero_oracle_26():
     assert np.all(np.isfinite(out2)) and np.all(np.asarray(w2)[np.array([1, 4])] == 0.0)
 
 
+def test_gradients_match_reference_form():
+    """The depth sum's written-out backward pass (jaxmodels.ops.reductions.weighted_sum) ==
+    autodiff of the materialised-key reference, for the sources, query and key gain (fp32)."""
+    src = _randn(12, (4, B, T, D))
+    q, g = _randn(13, (D,)), 1.0 + _randn(14, (D,), 0.2)
+    ct = _randn(15, (B, T, D))
+
+    def loss(fn):
+        return jax.jit(jax.grad(lambda s, q, g: jnp.sum(fn(s, q, g) * ct), argnums=(0, 1, 2)))
+
+    fast = loss(lambda s, q, g: depth_attention(s, None, q, g))(src, q, g)
+    slow = loss(lambda s, q, g: depth_attention_reference(list(s), q, g)[0])(src, q, g)
+    for got, want in zip(fast, slow, strict=True):
+        assert float(jnp.max(jnp.abs(want))) > 1e-3
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_scale_invariance_oracle_25():
     """Scaling one source by c > 0 leaves every logit unchanged (keys are RMS-normalised) but
     scales that source's value; v and 10 v get equal weights 0.5 / 0.5."""

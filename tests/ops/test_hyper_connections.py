@@ -10,7 +10,6 @@ import pytest
 from jaxmodels.ops.hyper_connections import (
     _read_streams,
     _stream_update,
-    _sum_minor,
     amax_gain,
     composite_gain,
     composite_mappings,
@@ -225,12 +224,6 @@ def test_mhc_low_precision_streams_and_grads():
     )
     grads = jax.jit(jax.grad(lambda p: jnp.sum(_mhc_layer(x, *p, w) ** 2)))((fn, scale, base))
     assert all(np.all(np.isfinite(g)) and float(jnp.max(jnp.abs(g))) > 0 for g in grads)
-
-
-@pytest.mark.parametrize("length", [1, 2, 5, 7, 128, 129])
-def test_pairwise_minor_sum_equals_sum(length):
-    x = _randn(40 + length, (3, 4, length))
-    np.testing.assert_allclose(_sum_minor(x), np.asarray(x).sum(-1), rtol=1e-6, atol=1e-5)
 
 
 # bf16 tolerance: inputs and outputs are bf16 (8 mantissa bits, relative step 2^-8 = 3.9e-3) and
