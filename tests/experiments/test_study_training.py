@@ -84,7 +84,7 @@ def _diagnostics(residual):
     config = get_preset("tiny")
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, residual=residual))
     batch = make_datasets(config.data)[1]()[0]
-    params = Decoder(config.model).init(jax.random.key(0), batch["inputs"])
+    params = jax.jit(Decoder(config.model).init)(jax.random.key(0), batch["inputs"])
     return residual_variants.diagnostics(config, params, batch)
 
 

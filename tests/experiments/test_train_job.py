@@ -74,7 +74,10 @@ class Job:
         env = dict(os.environ)
         env.update(
             JAX_PLATFORMS="cpu",
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            # unoptimised LLVM code, as in the rest of the suite (tests/conftest.py): the
+            # runs are compile-bound
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+            " --xla_backend_optimization_level=0",
             JAX_COMPILATION_CACHE_DIR=str(cache),
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
             PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),

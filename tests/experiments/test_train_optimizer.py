@@ -243,7 +243,7 @@ def test_muon_clip_chain_is_muon_then_qk_clip():
     tx = build_optimizer(opt, 10, config.model)
     plain = build_optimizer(dataclasses.replace(opt, qk_clip_threshold=None), 10)
     tokens = jnp.zeros((1, 8), jnp.int32)
-    variables = nn.meta.unbox(Decoder(config.model).init(jax.random.key(0), tokens))
+    variables = nn.meta.unbox(jax.jit(Decoder(config.model).init)(jax.random.key(0), tokens))
     params = jax.tree.map(np.asarray, {"params": variables["params"]})
     grads = jax.tree.map(lambda p: np.cos(3.0 * p), params)
     modules = list(qk_clip_module_targets(config.model))

@@ -25,7 +25,7 @@ TINY = ModelConfig(
 
 def _init(config, T=8):
     tokens = jax.random.randint(jax.random.key(0), (2, T), 0, config.vocab_size)
-    params = nn.meta.unbox(Decoder(config).init(jax.random.key(1), tokens))
+    params = nn.meta.unbox(jax.jit(Decoder(config).init)(jax.random.key(1), tokens))
     return params, tokens
 
 

@@ -45,7 +45,7 @@ def test_train_step_clips_the_heads_over_tau_and_leaves_the_rest_bit_identical(s
     config = gqa_model(scan_layers)
     model = Decoder(config)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, config.vocab_size)
-    params = {"params": nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])}
+    params = {"params": nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])}
     modules = modules_with_q_proj(params)
     assert len(modules) == (1 if scan_layers else 2)
 
