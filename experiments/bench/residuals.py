@@ -2,7 +2,9 @@
 
 The same decoder (a preset's model: ``small`` by default, ``tiny`` with ``--quick``) with each
 residual kind: pre-norm (the baseline), Hyper-Connections (dynamic, n = 4), mHC (n = 4, V4
-form; ``--unrolled-sinkhorn`` adds a row with the Sinkhorn loop fully unrolled), AttnRes full
+form; ``--unrolled-sinkhorn`` adds a row with the Sinkhorn loop fully unrolled; ``--ablation``
+adds rows that take mHC apart: static HC with 1 and 4 streams, mHC with 1 stream, mHC with one
+Sinkhorn iteration), AttnRes full
 and block (one decoder layer = two sub-layer outputs per block). For each: the jitted AdamW
 train step (forward, backward, update) timed after warm-up, median of interleaved runs, and the
 compiled step's temporary memory (``compiled.memory_analysis().temp_size_in_bytes``, the
@@ -11,7 +13,7 @@ activations XLA keeps), both as ratios to pre-norm measured in the same run.
 Target (issue 9): mHC step time within 1.3x of pre-norm on CPU at the tiny / small presets
 (the mHC paper reports 6.7% at n = 4 with fused kernels and recomputation).
 
-    python -m experiments.bench.residuals [--quick] [--preset small] [--out results.json]
+    python -m experiments.bench.residuals [--quick] [--preset small] [--ablation] [--out FILE]
 
 Prints a table and, with ``--out``, writes JSON: one record per row with ``step_time_ratio``,
 ``temp_memory_ratio`` and ``param_ratio`` (each over pre-norm).
@@ -40,7 +42,7 @@ from jaxmodels.residual.mhc import MHCConfig
 from jaxmodels.residual.prenorm import PrenormConfig
 
 
-def residual_variants(unrolled_sinkhorn: bool = False) -> dict[str, object]:
+def residual_variants(unrolled_sinkhorn: bool = False, ablation: bool = False) -> dict[str, object]:
     """Row name -> residual config (same model otherwise)."""
     rows = {
         "prenorm": PrenormConfig(),
@@ -51,6 +53,11 @@ def residual_variants(unrolled_sinkhorn: bool = False) -> dict[str, object]:
     }
     if unrolled_sinkhorn:
         rows["mhc (n=4, unrolled sinkhorn)"] = MHCConfig(hc_mult=4, sinkhorn_unroll=True)
+    if ablation:  # what each part of mHC costs: stream traffic, coefficients, Sinkhorn
+        rows["hc static (n=1)"] = HyperConnectionsConfig(hc_mult=1, dynamic=False)
+        rows["hc static (n=4)"] = HyperConnectionsConfig(hc_mult=4, dynamic=False)
+        rows["mhc (n=1)"] = MHCConfig(hc_mult=1)
+        rows["mhc (n=4, 1 sinkhorn iteration)"] = MHCConfig(hc_mult=4, hc_sinkhorn_iters=1)
     return rows
 
 
@@ -82,9 +89,10 @@ def run(
     runs: int,
     budget_s: float,
     unrolled_sinkhorn: bool = False,
+    ablation: bool = False,
 ):
     fns, args, rows = {}, {}, []
-    for name, residual in residual_variants(unrolled_sinkhorn).items():
+    for name, residual in residual_variants(unrolled_sinkhorn, ablation).items():
         config = dataclasses.replace(model, residual=residual)
         t0 = time.perf_counter()
         compiled, state, batch = build(config, batch_size, seq_len)
@@ -124,6 +132,11 @@ def main(argv=None):
         action="store_true",
         help="add an mHC row with the Sinkhorn loop fully unrolled (slow to compile on CPU)",
     )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="add rows for static HC (n=1, 4), mHC with n=1 and mHC with one Sinkhorn iteration",
+    )
     parser.add_argument("--out", help="write JSON records here")
     args = parser.parse_args(argv)
 
@@ -138,7 +151,7 @@ def main(argv=None):
     seq_len = args.seq_len or preset.data.seq_len
     runs = args.runs or (5 if args.quick else 15)
     budget_s = 10.0 if args.quick else 60.0
-    rows = run(model, batch_size, seq_len, runs, budget_s, args.unrolled_sinkhorn)
+    rows = run(model, batch_size, seq_len, runs, budget_s, args.unrolled_sinkhorn, args.ablation)
 
     print(
         f"backend={jax.default_backend()} preset={preset_name}"
