@@ -131,7 +131,7 @@ def _stream_update_bwd(residuals, g_BTMD):
     f32 = jnp.float32
     g, x, y = materialize(g_BTMD.astype(f32)), x_BTMD.astype(f32), y_BTD.astype(f32)
     dx_BTMD = jnp.sum(res_BTMM.astype(f32)[..., :, :, None] * g[..., :, None, :], axis=-3)
-    dy_BTD = jnp.sum(post_BTM.astype(f32)[..., None] * g, axis=-2)
+    dy_BTD = weighted_sum(post_BTM, g, -2)
     dpost_BTM = sum_minor(g * y[..., None, :])
     dres_BTMM = sum_minor(g[..., :, None, :] * x[..., None, :, :])
     return (

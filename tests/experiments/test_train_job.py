@@ -72,12 +72,12 @@ class Job:
 
     def __init__(self, workdir, *, cache, devices=8, hook="", quiet=True):
         env = dict(os.environ)
+        # the suite's XLA flags (tests/conftest.py: unoptimised LLVM code unless overridden),
+        # with this run's device count
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
         env.update(
             JAX_PLATFORMS="cpu",
-            # unoptimised LLVM code, as in the rest of the suite (tests/conftest.py): the
-            # runs are compile-bound
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
-            " --xla_backend_optimization_level=0",
+            XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
             JAX_COMPILATION_CACHE_DIR=str(cache),
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
             PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
