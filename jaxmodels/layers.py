@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxmodels.config import BlockSettings
 from jaxmodels.ops.norms import rms_norm
+from jaxmodels.ops.reductions import materialize_gradient
 from sharding.rules import constrain
 
 
@@ -92,7 +93,12 @@ class Embed(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU feed-forward block: gate_proj, up_proj [D, F] and down_proj [F, D] (HF names)."""
+    """SwiGLU feed-forward block: gate_proj, up_proj [D, F] and down_proj [F, D] (HF names).
+
+    Same math as `jaxmodels.ops.mlp.swiglu` (tested, values and gradients); the gate and up
+    activations pass through `materialize_gradient`, so their gradients (the SiLU backward) are
+    computed once rather than inside each matmul's transposed operand.
+    """
 
     intermediate_size: int
     settings: BlockSettings
@@ -102,6 +108,7 @@ class SwiGLU(nn.Module):
         F = self.intermediate_size
         gate_BTF = dense(F, ("embed", "mlp"), self.settings, name="gate_proj")(x_BTD)
         up_BTF = dense(F, ("embed", "mlp"), self.settings, name="up_proj")(x_BTD)
+        gate_BTF, up_BTF = materialize_gradient(gate_BTF), materialize_gradient(up_BTF)
         hidden_BTF = constrain(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
         y_BTD = dense(self.settings.hidden_size, ("mlp", "embed"), self.settings, name="down_proj")(
             hidden_BTF

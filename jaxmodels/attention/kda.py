@@ -54,6 +54,7 @@ from jaxmodels.config import AttentionConfig, BlockSettings, check, check_choice
 from jaxmodels.layers import RMSNorm, dense
 from jaxmodels.ops.delta_rule import delta_rule, delta_rule_step
 from jaxmodels.ops.norms import l2_normalize
+from jaxmodels.ops.reductions import materialize_gradient
 from sharding.rules import constrain
 
 IMPLEMENTATIONS = ("chunked", "recurrent")
@@ -170,12 +171,14 @@ def short_conv(x_BTNH, kernel_WNH, window_BWNH):
       window_BWNH: [B, W - 1, N, H] the inputs before x (zeros at the start of a sequence).
 
     Returns:
-      (y [B, T, N, H], the new window [B, W - 1, N, H]: the last W - 1 inputs).
+      (y [B, T, N, H], the new window [B, W - 1, N, H]: the last W - 1 inputs). `y`'s
+      gradient is materialised once (`materialize_gradient`) for the W shifted products of the
+      backward pass to read.
     """
     width, length = kernel_WNH.shape[0], x_BTNH.shape[1]
     padded_BSNH = jnp.concatenate([window_BWNH.astype(x_BTNH.dtype), x_BTNH], axis=1)
     y_BTNH = sum(kernel_WNH[i] * padded_BSNH[:, i : i + length] for i in range(width))
-    return y_BTNH, padded_BSNH[:, length:]
+    return materialize_gradient(y_BTNH), padded_BSNH[:, length:]
 
 
 def forget_gate(f, a_log_N, dt_bias):

@@ -210,6 +210,37 @@ def test_short_conv_is_a_causal_depthwise_convolution_with_a_carried_window():
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), expected, atol=1e-5)
 
 
+def test_short_conv_gradients_equal_those_of_a_grouped_lax_convolution():
+    """Gradients of `short_conv` (with respect to the inputs, the kernel and the carried window;
+    its backward pass materialises the incoming gradient once) == autodiff of the same causal
+    depthwise convolution written as `lax.conv_general_dilated` with one group per channel."""
+    x = _normal((B, 9, 2, 3), 4)
+    w = _normal((4, 2, 3), 5)
+    window = _normal((B, 3, 2, 3), 6)
+    cotangent = _normal((B, 9, 2, 3), 7)
+
+    def ours(x, w, window):
+        y, _ = short_conv(x, w, window)
+        return jnp.sum(jax.nn.silu(y) * cotangent)
+
+    def grouped(x, w, window):
+        padded = jnp.concatenate([window, x], axis=1).reshape(B, 12, 6)
+        y = jax.lax.conv_general_dilated(
+            padded,
+            w.reshape(4, 1, 6),
+            (1,),
+            "VALID",
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            feature_group_count=6,
+        )
+        return jnp.sum(jax.nn.silu(y.reshape(B, 9, 2, 3)) * cotangent)
+
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, w, window)
+    want = jax.grad(grouped, argnums=(0, 1, 2))(x, w, window)
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
 def test_forget_gate_formula_and_range():
     """g = -exp(A_log) softplus(f + dt_bias) <= 0, so alpha = exp(g) is in (0, 1] (§8.6)."""
     f = np.asarray(_normal((B, 3, 2, 4), 3, scale=10.0))

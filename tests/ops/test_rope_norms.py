@@ -1,10 +1,13 @@
 """RoPE / YaRN / softmax-scale oracles (reference/attention.md §1.4, §8.1), norms, SwiGLU."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxmodels.config import BlockSettings
+from jaxmodels.layers import SwiGLU
 from jaxmodels.ops import mlp, norms, rope
 
 
@@ -97,3 +100,25 @@ def test_swiglu_matches_hand_formula():
     wd = jnp.array([[3.0, 1.0]])
     silu1 = 1.0 / (1.0 + np.exp(-1.0))
     np.testing.assert_allclose(mlp.swiglu(x, wg, wu, wd), [[[silu1 * -2 * 3, silu1 * -2]]], 1e-6)
+
+
+def test_swiglu_module_equals_the_op_values_and_gradients():
+    """The Linen block (which materialises the gate and up gradients once, see
+    `materialize_gradient`) == `ops.mlp.swiglu` with its weights, values and the gradients
+    with respect to the input and every weight (fp32)."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    module = SwiGLU(intermediate_size=12, settings=BlockSettings(hidden_size=8))
+    params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(1), x))["params"]
+    cotangent = jax.random.normal(jax.random.key(2), (2, 5, 8))
+
+    def via_module(params, x):
+        return jnp.sum(module.apply({"params": params}, x) * cotangent)
+
+    def via_op(params, x):
+        w = {name: params[name]["kernel"] for name in ("gate_proj", "up_proj", "down_proj")}
+        y = mlp.swiglu(x, w["gate_proj"], w["up_proj"], w["down_proj"])
+        return jnp.sum(y * cotangent)
+
+    got = jax.jit(jax.value_and_grad(via_module, argnums=(0, 1)))(params, x)
+    want = jax.value_and_grad(via_op, argnums=(0, 1))(params, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
