@@ -171,11 +171,13 @@ def short_conv(x_BTNH, kernel_WNH, window_BWNH):
       window_BWNH: [B, W - 1, N, H] the inputs before x (zeros at the start of a sequence).
 
     Returns:
-      (y [B, T, N, H], the new window [B, W - 1, N, H]: the last W - 1 inputs). `y`'s
-      gradient is materialised once (`materialize_gradient`) for the W shifted products of the
-      backward pass to read.
+      (y [B, T, N, H], the new window [B, W - 1, N, H]: the last W - 1 inputs). The gradients
+      of `y` and of `x` are materialised once (`materialize_gradient`): the first for the W
+      shifted products of the backward pass to read, the second for the projection's weight
+      gradient, which reads it transposed.
     """
     width, length = kernel_WNH.shape[0], x_BTNH.shape[1]
+    x_BTNH = materialize_gradient(x_BTNH)
     padded_BSNH = jnp.concatenate([window_BWNH.astype(x_BTNH.dtype), x_BTNH], axis=1)
     y_BTNH = sum(kernel_WNH[i] * padded_BSNH[:, i : i + length] for i in range(width))
     return materialize_gradient(y_BTNH), padded_BSNH[:, length:]

@@ -54,7 +54,7 @@ def materialize_gradient(x: jax.Array) -> jax.Array:
     a weight-gradient matmul reads, or the ``W`` shifted products of a convolution's backward.
     XLA:CPU fuses the expression into each of them and, in a transposing copy, evaluates it in
     strided order: in the ``hybrid`` train step the SwiGLU gate's gradient took 7.5 ms per
-    layer in one such copy of ``[352, 2048]`` elements. Train steps 10-13 % faster with it
+    layer in one such copy of ``[352, 2048]`` elements. Train steps 9-16 % faster with it
     (``experiments/bench/materialized_gradients.py``; README, "Step time on CPU").
     """
     return x
