@@ -212,8 +212,9 @@ def test_short_conv_is_a_causal_depthwise_convolution_with_a_carried_window():
 
 def test_short_conv_gradients_equal_those_of_a_grouped_lax_convolution():
     """Gradients of `short_conv` (with respect to the inputs, the kernel and the carried window;
-    its backward pass materialises the incoming gradient once) == autodiff of the same causal
-    depthwise convolution written as `lax.conv_general_dilated` with one group per channel."""
+    its backward pass materialises the gradients of its output and input once) == autodiff of
+    the same causal depthwise convolution written as `lax.conv_general_dilated` with one group
+    per channel."""
     x = _normal((B, 9, 2, 3), 4)
     w = _normal((4, 2, 3), 5)
     window = _normal((B, 3, 2, 3), 6)
