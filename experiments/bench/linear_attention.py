@@ -88,6 +88,12 @@ def fwd_bwd(fn: Callable, argnums: tuple[int, ...]) -> Callable:
     return jax.jit(jax.grad(loss, argnums=argnums))
 
 
+def num_chunks(t: int, heads: int, c: int) -> int:
+    """Chunks of ``c`` tokens the chunked form processes for ``heads`` recurrences of length ``t``
+    (the tail padded to a whole chunk)."""
+    return -(-t // c) * heads
+
+
 def chunked_forward_flops(t: int, heads: int, h: int, j: int, c: int) -> int:
     """FLOPs (2 x multiply-adds) of ``delta_rule_chunked``'s forward over ``heads`` recurrences.
 
@@ -97,7 +103,7 @@ def chunked_forward_flops(t: int, heads: int, h: int, j: int, c: int) -> int:
     ``[W | U]`` (``c^2 (h + j)``); the scan's ``W S`` and ``K^T V'`` (``2 c h j``); outputs
     ``Q S`` and ``A_qk V'`` (``c h j + c^2 j``). Elementwise work (exps, decays) is not counted.
     """
-    chunks = -(-t // c) * heads
+    chunks = num_chunks(t, heads, c)
     macs = (
         c * c * h
         + c * h
@@ -114,7 +120,7 @@ def chunked_forward_flops(t: int, heads: int, h: int, j: int, c: int) -> int:
 def matmul_rate(t: int, heads: int, h: int, j: int, c: int) -> float:
     """GFLOP/s of one batched ``[chunks, C, H] x [chunks, H, J]`` matmul (the chunked form's
     ``Q S`` product at length ``t``): about the best rate the chunked form could sustain."""
-    chunks = -(-t // c) * heads
+    chunks = num_chunks(t, heads, c)
     kx, ky = jax.random.split(jax.random.key(t))
     x = jax.random.normal(kx, (chunks, c, h), jnp.float32)
     y = jax.random.normal(ky, (chunks, h, j), jnp.float32)
